@@ -1,0 +1,239 @@
+"""Mount lifecycle: checks, fork before trio, readiness pipe, signals, unmount.
+
+The parent validates everything it can (image header, mount point) before it
+forks, so most errors never reach a daemon.  The daemon (double fork, setsid)
+mounts, serves, and reports "ready" through a pipe only once a stat() of the
+mount point has been answered by its own FUSE loop; the parent exits 0 then,
+or prints the daemon's error and exits non-zero.
+"""
+
+from __future__ import annotations
+
+import logging
+import logging.handlers
+import os
+import signal
+import stat
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import QcowError
+from .image import Image
+
+log = logging.getLogger("qcowfuse")
+
+
+@dataclass
+class MountOptions:
+    image: str
+    mountpoint: str
+    foreground: bool = False
+    read_only: bool = False
+    allow_other: bool = False
+    debug: bool = False
+    direct_io: bool = False
+    pidfile: str | None = None
+    extra_fuse_options: list[str] = field(default_factory=list)
+
+
+@dataclass
+class MountTarget:
+    path: str  # absolute mount point
+    file_name: str | None  # None: mounted over a file; else the one file in the directory
+    created: bool  # we created the mount point file and remove it if mounting fails
+
+
+class MountError(QcowError):
+    pass
+
+
+def mounted_paths() -> set[str]:
+    out = set()
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as fh:
+        for line in fh:
+            mp = line.split()[4]
+            out.add(mp.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n")
+                    .replace("\\134", "\\"))
+    return out
+
+
+def prepare_mountpoint(mountpoint: str, image_path: str) -> MountTarget:
+    path = os.path.abspath(mountpoint)
+    if path in mounted_paths():
+        raise MountError(f"{mountpoint}: already mounted")
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        parent = os.path.dirname(path)
+        if not os.path.isdir(parent):
+            raise MountError(f"{mountpoint}: no such file or directory (and its parent does not exist)") from None
+        try:
+            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+        except OSError as e:
+            raise MountError(f"{mountpoint}: cannot create mount point: {e.strerror}") from None
+        return MountTarget(path, None, True)
+    except OSError as e:
+        raise MountError(f"{mountpoint}: {e.strerror}") from None
+    if os.path.samefile(path, image_path):
+        raise MountError(f"{mountpoint}: the mount point is the image itself")
+    if stat.S_ISDIR(st.st_mode):
+        return MountTarget(path, Path(image_path).stem + ".raw", False)
+    if stat.S_ISREG(st.st_mode):
+        return MountTarget(path, None, False)
+    raise MountError(f"{mountpoint}: not a regular file or directory")
+
+
+def mount(opts: MountOptions) -> int:
+    """Open the image, prepare the mount point, then serve (foreground) or daemonize."""
+    image_path = os.path.abspath(opts.image)
+    if not os.path.exists(image_path):
+        raise MountError(f"{opts.image}: no such file")
+    if not os.path.isfile(image_path):
+        raise MountError(f"{opts.image}: not a regular file")
+    image = Image.open(image_path, writable=not opts.read_only)
+    target = None
+    try:
+        target = prepare_mountpoint(opts.mountpoint, image_path)
+        if opts.foreground:
+            _setup_logging(opts, detached=False)
+            return serve(image, opts, target, ready_fd=None)
+        return _daemonize(image, opts, target)
+    except BaseException:
+        if target is not None and target.created:
+            _remove_quietly(target.path)
+        raise
+
+
+def _remove_quietly(path: str) -> None:
+    try:
+        if os.path.getsize(path) == 0:
+            os.unlink(path)
+    except OSError:
+        pass
+
+
+def _daemonize(image: Image, opts: MountOptions, target: MountTarget) -> int:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # first child: new session, fork again so the daemon is no session leader
+        os.close(r)
+        os.setsid()
+        if os.fork():
+            os._exit(0)
+        code = 1
+        try:
+            os.chdir("/")
+            null = os.open(os.devnull, os.O_RDWR)
+            for fd in (0, 1, 2):
+                os.dup2(null, fd)
+            _setup_logging(opts, detached=True)
+            code = serve(image, opts, target, ready_fd=w)
+        except BaseException as e:  # report, never a traceback on a terminal
+            _report(w, f"error: {e}")
+        finally:
+            os._exit(code)
+    os.close(w)
+    os.waitpid(pid, 0)
+    with os.fdopen(r, "rb") as pipe:
+        msg = pipe.read().decode("utf-8", "replace").strip()
+    if msg == "ready":
+        return 0
+    if target.created:
+        _remove_quietly(target.path)
+    raise MountError(msg.removeprefix("error: ") or "the daemon exited before the mount was ready")
+
+
+def _report(fd: int | None, msg: str) -> None:
+    if fd is None:
+        return
+    try:
+        os.write(fd, msg.encode() + b"\n")
+        os.close(fd)
+    except OSError:
+        pass
+
+
+def _setup_logging(opts: MountOptions, detached: bool) -> None:
+    root = logging.getLogger("qcowfuse")
+    root.setLevel(logging.DEBUG if opts.debug else logging.INFO)
+    if detached and os.path.exists("/dev/log"):
+        handler: logging.Handler = logging.handlers.SysLogHandler(address="/dev/log")
+        handler.setFormatter(logging.Formatter(f"qcowfuse[{os.getpid()}]: %(message)s"))
+    elif detached:
+        handler = logging.NullHandler()
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("qcowfuse: %(message)s"))
+    root.handlers[:] = [handler]
+
+
+def serve(image: Image, opts: MountOptions, target: MountTarget, ready_fd: int | None) -> int:
+    """Mount and run the FUSE loop until unmounted or signalled; flush and close the image."""
+    import pyfuse3  # imported only here: after the fork, never before
+    import trio
+
+    from .fuse_ops import RawFileOperations
+
+    ops = RawFileOperations(image, image.f.fd, target.file_name, direct_io=opts.direct_io)
+    fuse_options = set(pyfuse3.default_options)
+    fuse_options |= {"fsname=" + image.f.path.replace(",", "_"), "subtype=qcowfuse"}
+    if opts.read_only:
+        fuse_options.add("ro")
+    if opts.allow_other:
+        fuse_options.add("allow_other")
+    if opts.debug:
+        fuse_options.add("debug")
+    fuse_options.update(opts.extra_fuse_options)
+    try:
+        pyfuse3.init(ops, target.path, fuse_options)
+    except RuntimeError as e:
+        image.close()
+        raise MountError(f"{target.path}: mount failed ({e})") from None
+
+    async def run() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_on_signals, nursery)
+
+            async def loop() -> None:
+                await pyfuse3.main()
+                nursery.cancel_scope.cancel()  # unmounted from outside
+
+            nursery.start_soon(loop)
+            await trio.to_thread.run_sync(os.stat, target.path)
+            if opts.pidfile:
+                Path(opts.pidfile).write_text(f"{os.getpid()}\n")
+            log.info("serving %s on %s%s", image.f.path, target.path,
+                     " (read-only)" if opts.read_only else "")
+            _report(ready_fd, "ready")
+
+    async def _on_signals(nursery: trio.Nursery) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            async for _ in signals:
+                pyfuse3.terminate()
+                return
+
+    code = 0
+    try:
+        trio.run(run)
+    except BaseException as e:
+        log.error("FUSE loop failed: %s", e)
+        code = 1
+    finally:
+        pyfuse3.close(unmount=True)
+        try:
+            image.close()
+        except (QcowError, OSError) as e:
+            log.error("closing the image failed: %s", e)
+            code = 1
+        if opts.pidfile:
+            try:
+                os.unlink(opts.pidfile)
+            except OSError:
+                pass
+        if target.created:
+            _remove_quietly(target.path)
+    log.info("unmounted %s", target.path)
+    return code

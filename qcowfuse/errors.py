@@ -1,0 +1,31 @@
+"""Exceptions raised by the engine; each carries a message a user can act on."""
+
+from __future__ import annotations
+
+
+class QcowError(Exception):
+    """Base class: anything the CLI turns into one line and a non-zero exit."""
+
+
+class NotQcow2Error(QcowError):
+    """The file is not a qcow2 image at all (too short, wrong magic)."""
+
+
+class FormatError(QcowError):
+    """The header or a table violates the qcow2 specification."""
+
+
+class UnsupportedError(QcowError):
+    """A valid image that uses a feature qcowfuse does not implement (yet)."""
+
+
+class CorruptError(QcowError):
+    """Metadata met at run time points somewhere it must not (EIO for that range)."""
+
+
+class ReadOnlyError(QcowError):
+    """A write was attempted on an image opened read-only."""
+
+
+class ImageInUseError(QcowError):
+    """Another process holds a conflicting lock on the image."""

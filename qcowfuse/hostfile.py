@@ -1,0 +1,55 @@
+"""The host file under an image: positioned I/O and durability, nothing else.
+
+Kept as a small class so tests can substitute a recording layer that logs
+every write and sync (power-loss simulation) without touching the engine.
+"""
+
+from __future__ import annotations
+
+import os
+
+from .errors import CorruptError
+
+
+class HostFile:
+    def __init__(self, fd: int, path: str = "") -> None:
+        self.fd = fd
+        self.path = path
+        self.unsynced = False  # a write happened since the last sync
+
+    @classmethod
+    def open(cls, path: str, writable: bool) -> "HostFile":
+        fd = os.open(path, (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC)
+        return cls(fd, path)
+
+    def size(self) -> int:
+        return os.fstat(self.fd).st_size
+
+    def pread(self, offset: int, length: int) -> bytes:
+        """Read exactly `length` bytes; a short read means metadata points past EOF."""
+        data = os.pread(self.fd, length, offset)
+        if len(data) != length:
+            raise CorruptError(f"read of {length} bytes at {offset:#x} runs past the end of the image file")
+        return data
+
+    def pread_into(self, offset: int, buf: memoryview) -> None:
+        n = os.preadv(self.fd, [buf], offset)
+        if n != len(buf):
+            raise CorruptError(f"read of {len(buf)} bytes at {offset:#x} runs past the end of the image file")
+
+    def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        view = memoryview(data)
+        self.unsynced = True
+        while view:
+            n = os.pwrite(self.fd, view, offset)
+            view = view[n:]
+            offset += n
+
+    def sync(self) -> None:
+        os.fdatasync(self.fd)
+        self.unsynced = False
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1

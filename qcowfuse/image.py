@@ -1,0 +1,386 @@
+"""Image: the one API the layers above use (open / read / write / flush / close).
+
+A request is split per L2 table; inside a table, runs of clusters that can be
+written in place, or that all need new host clusters, are handled with one
+pwrite each.  Metadata changes stay in memory until `flush()`, which orders
+them as QEMU does (block/qcow2-cache.c dependencies):
+
+    refcount blocks -> sync -> refcount table -> sync -> (guest data is now durable)
+    -> L2 tables -> sync -> L1 table -> sync -> release freed clusters
+
+so a reference never reaches disk before the refcount that counts it, and
+guest data never after the L2 entry that maps it.  A crash may leak clusters;
+it cannot corrupt the image or lose anything written before a flush.
+"""
+
+from __future__ import annotations
+
+import array
+import logging
+import os
+import struct
+import threading
+
+from .errors import CorruptError, QcowError, ReadOnlyError, UnsupportedError
+from .hostfile import HostFile
+from .qcow2.allocator import Allocator
+from .qcow2.compressed import CompressedDescriptor, decompress
+from .qcow2.header import (
+    INCOMPAT_CORRUPT, INCOMPAT_DIRTY, INCOMPAT_EXTL2, MAX_CLUSTER_BITS,
+    OFF_AUTOCLEAR_FEATURES, OFF_INCOMPATIBLE_FEATURES, Header)
+from .qcow2.refcounts import RefcountStore
+from .qcow2.tables import (
+    L1E_OFFSET_MASK, L2E_OFFSET_MASK, QCOW_OFLAG_COMPRESSED, QCOW_OFLAG_COPIED, QCOW_OFLAG_ZERO,
+    ClusterType, L2Cache, classify, decode_table)
+
+log = logging.getLogger("qcowfuse")
+
+DEFAULT_L2_CACHE_BYTES = 32 << 20
+DEFAULT_REFCOUNT_CACHE_BYTES = 8 << 20
+
+
+class Image:
+    """A qcow2 image seen as a flat guest disk of `size` bytes."""
+
+    def __init__(self, f: HostFile, header: Header, writable: bool,
+                 l2_cache_bytes: int = DEFAULT_L2_CACHE_BYTES,
+                 refcount_cache_bytes: int = DEFAULT_REFCOUNT_CACHE_BYTES) -> None:
+        self.f = f
+        self.header = header
+        self.writable = writable
+        self.size = header.size
+        self.version = header.version
+        self.cluster_bits = header.cluster_bits
+        self.cluster_size = header.cluster_size
+        self.l2_bits = header.l2_bits
+        self.l2_entries = 1 << self.l2_bits
+        self._lock = threading.RLock()
+        raw = f.pread(header.l1_table_offset, header.l1_size * 8) if header.l1_size else b""
+        self.l1: array.array = decode_table(raw)
+        self.l1_dirty: set[int] = set()
+        self.l2 = L2Cache(f, self.cluster_size, l2_cache_bytes)
+        self.rc = RefcountStore(f, header, refcount_cache_bytes)
+        self.alloc = Allocator(self.rc)
+        self._prepared = False
+        self._compressed_cache: tuple[int, bytes] | None = None
+
+    # -- opening --------------------------------------------------------------
+
+    @classmethod
+    def open(cls, path: str, writable: bool = False, **cache) -> "Image":
+        """Open and validate; nothing is written to the file until the first write."""
+        try:
+            f = HostFile.open(path, writable)
+        except IsADirectoryError:
+            raise QcowError(f"{path}: is a directory, not an image file") from None
+        except OSError as e:
+            raise QcowError(f"{path}: {e.strerror}") from None
+        try:
+            file_size = f.size()
+            head = os.pread(f.fd, 1 << MAX_CLUSTER_BITS, 0)
+            header = Header.parse(head, file_size)
+            cls._refuse_unsupported(header, writable)
+            return cls(f, header, writable, **cache)
+        except BaseException:
+            f.close()
+            raise
+
+    @staticmethod
+    def _refuse_unsupported(h: Header, writable: bool) -> None:
+        if h.backing_file is not None:
+            raise UnsupportedError(f"images with a backing file are not supported yet "
+                                   f"(backing file: {h.backing_file})")
+        if h.incompatible_features & INCOMPAT_EXTL2:
+            raise UnsupportedError("images with extended L2 entries (subclusters) are not supported yet")
+        if writable and h.incompatible_features & INCOMPAT_CORRUPT:
+            raise UnsupportedError("image is marked corrupt: mount it read-only (-o ro), or repair it "
+                                   "with 'qemu-img check -r all' first")
+        if writable and h.incompatible_features & INCOMPAT_DIRTY:
+            raise UnsupportedError("image was not closed cleanly (lazy refcounts, dirty bit set): mount "
+                                   "it read-only (-o ro), or repair it with 'qemu-img check -r all' first")
+
+    # -- mapping --------------------------------------------------------------
+
+    def _l2_table(self, l1_index: int) -> array.array | None:
+        entry = self.l1[l1_index]
+        off = entry & L1E_OFFSET_MASK
+        if not off:
+            return None
+        return self.l2.get(off)
+
+    def _host_check(self, off: int, what: str) -> None:
+        if off % self.cluster_size:
+            raise CorruptError(f"{what} at unaligned host offset {off:#x}")
+
+    def cluster_content(self, entry: int) -> bytes:
+        """A guest cluster's whole content given its L2 entry (for reads and copy-on-write)."""
+        kind = classify(entry, self.version)
+        if kind is ClusterType.NORMAL:
+            off = entry & L2E_OFFSET_MASK
+            self._host_check(off, "data cluster")
+            return self.f.pread(off, self.cluster_size)
+        if kind is ClusterType.COMPRESSED:
+            return self._compressed(entry)
+        return bytes(self.cluster_size)
+
+    def _compressed(self, entry: int) -> bytes:
+        cached = self._compressed_cache
+        if cached is not None and cached[0] == entry:
+            return cached[1]
+        d = CompressedDescriptor.decode(entry, self.cluster_bits)
+        data = os.pread(self.f.fd, d.length, d.offset)
+        out = decompress(data, self.cluster_size, self.header.compression_type)
+        self._compressed_cache = (entry, out)
+        return out
+
+    # -- reading ----------------------------------------------------------------
+
+    def read(self, offset: int, length: int) -> bytes:
+        """Guest bytes [offset, offset+length), clipped at the virtual size."""
+        if offset < 0 or length < 0:
+            raise ValueError("negative offset or length")
+        length = max(0, min(length, self.size - offset))
+        out = bytearray(length)
+        view = memoryview(out)
+        cb, cs = self.cluster_bits, self.cluster_size
+        # entries with these bits are not plain data (the zero flag exists from v3)
+        special = QCOW_OFLAG_COMPRESSED | (QCOW_OFLAG_ZERO if self.version >= 3 else 0)
+        with self._lock:
+            pos = 0
+            run_host = run_pos = run_len = 0  # pending contiguous host extent
+            while pos < length:
+                voff = offset + pos
+                g = voff >> cb
+                l2i = g & (self.l2_entries - 1)
+                table = self._l2_table(g >> self.l2_bits)
+                # clusters of this request inside this L2 table
+                n_cl = min(self.l2_entries - l2i, ((offset + length - 1) >> cb) - g + 1)
+                for i in range(l2i, l2i + n_cl):
+                    in_cl = (offset + pos) & (cs - 1)
+                    n = min(cs - in_cl, length - pos)
+                    entry = table[i] if table is not None else 0
+                    if entry & L2E_OFFSET_MASK and not entry & special:
+                        host = entry & L2E_OFFSET_MASK
+                        self._host_check(host, "data cluster")
+                        host += in_cl
+                        if run_len and run_host + run_len == host and run_pos + run_len == pos:
+                            run_len += n
+                        else:
+                            if run_len:
+                                self.f.pread_into(run_host, view[run_pos:run_pos + run_len])
+                            run_host, run_pos, run_len = host, pos, n
+                    elif entry & QCOW_OFLAG_COMPRESSED:
+                        view[pos:pos + n] = self._compressed(entry)[in_cl:in_cl + n]
+                    # unallocated and zero clusters stay zero
+                    pos += n
+            if run_len:
+                self.f.pread_into(run_host, view[run_pos:run_pos + run_len])
+        return bytes(out)
+
+    # -- writing ------------------------------------------------------------------
+
+    def _prepare_for_write(self) -> None:
+        """First write only: clear autoclear bits we do not maintain (spec: a writer
+        that does not know a bit must clear it), after checking the metadata's own
+        refcounts so that no allocation can ever land on a cluster in use."""
+        if self._prepared:
+            return
+        self._check_metadata_refcounts()
+        h = self.header
+        if h.version >= 3 and h.autoclear_features:
+            h.autoclear_features = 0  # bitmaps (bit 0) become stale once we write
+            self.f.pwrite(OFF_AUTOCLEAR_FEATURES, struct.pack(">Q", 0))
+            self.f.sync()
+        self._prepared = True
+
+    def metadata_clusters(self) -> list[tuple[str, int]]:
+        """(what, host cluster index) of every metadata cluster reachable without reading L2s."""
+        h, cb, cs = self.header, self.cluster_bits, self.cluster_size
+        out = [("header", 0)]
+        out += [("refcount table", (h.refcount_table_offset >> cb) + i)
+                for i in range(h.refcount_table_clusters)]
+        out += [("refcount block", off >> cb) for off in self.rc.table if off]
+        if h.l1_size:
+            first = h.l1_table_offset >> cb
+            out += [("L1 table", first + i) for i in range(-(-h.l1_size * 8 // cs))]
+        out += [("L2 table", (e & L1E_OFFSET_MASK) >> cb) for e in self.l1 if e & L1E_OFFSET_MASK]
+        return out
+
+    def _check_metadata_refcounts(self) -> None:
+        """Metadata with refcount 0 (OpenBSD vmd's bug) would be handed out as free space
+        and overwritten; count each such cluster once, which is what it should have had."""
+        healed = []
+        for what, c in self.metadata_clusters():
+            if self.rc.get(c) == 0:
+                if self.rc._block(c // self.rc.entries_per_block) is None:
+                    raise UnsupportedError(
+                        f"{what} at cluster {c} has no refcount block: repair the image "
+                        f"with 'qemu-img check -r all' first")
+                self.rc.add(c, 1)
+                healed.append(f"{what} {c}")
+        if healed:
+            self.rc.flush()
+            log.warning("healed refcount 0 of in-use metadata clusters: %s", ", ".join(healed))
+
+    def _l2_for_write(self, l1_index: int) -> array.array:
+        """The active L2 table for l1_index, allocated or copied on write if needed."""
+        entry = self.l1[l1_index]
+        off = entry & L1E_OFFSET_MASK
+        if off and entry & QCOW_OFLAG_COPIED:
+            return self.l2.get(off)
+        if off:
+            self._host_check(off, "L2 table")
+            if self.rc.get(off >> self.cluster_bits) == 1:
+                # refcount 1 without COPIED (older writers): ours to change in place
+                self.l1[l1_index] = off | QCOW_OFLAG_COPIED
+                self.l1_dirty.add(l1_index)
+                return self.l2.get(off)
+            table = array.array("Q", self.l2.get(off))  # shared with a snapshot
+        else:
+            table = array.array("Q", bytes(self.cluster_size))
+        new = self.alloc.alloc() << self.cluster_bits
+        self.l2.install(new, table)
+        self.l1[l1_index] = new | QCOW_OFLAG_COPIED
+        self.l1_dirty.add(l1_index)
+        if off:
+            self.alloc.free_later(off >> self.cluster_bits)
+        return table
+
+    def _in_place(self, entry: int) -> bool:
+        """Normal cluster this layer owns alone (COPIED, or refcount 1)."""
+        if classify(entry, self.version) is not ClusterType.NORMAL:
+            return False
+        if entry & QCOW_OFLAG_COPIED:
+            return True
+        return self.rc.get((entry & L2E_OFFSET_MASK) >> self.cluster_bits) == 1
+
+    def _release(self, entry: int) -> None:
+        """Drop (after the next table sync) the reference an overwritten L2 entry held."""
+        kind = classify(entry, self.version)
+        if kind in (ClusterType.NORMAL, ClusterType.ZERO_ALLOC):
+            self.alloc.free_later((entry & L2E_OFFSET_MASK) >> self.cluster_bits)
+        elif kind is ClusterType.COMPRESSED:
+            for c in CompressedDescriptor.decode(entry, self.cluster_bits).host_clusters(self.cluster_bits):
+                self.alloc.free_later(c)
+
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> int:
+        """Write guest bytes at offset; returns the number written (all of them)."""
+        view = memoryview(data).cast("B")
+        length = len(view)
+        if not self.writable:
+            raise ReadOnlyError("image is open read-only")
+        if offset < 0 or offset + length > self.size:
+            raise ValueError(f"write of {length} bytes at {offset} is beyond the virtual size {self.size}")
+        cb, cs = self.cluster_bits, self.cluster_size
+        with self._lock:
+            self._prepare_for_write()
+            pos = 0
+            while pos < length:
+                voff = offset + pos
+                g = voff >> cb
+                in_cl = voff & (cs - 1)
+                l1i, l2i = g >> self.l2_bits, g & (self.l2_entries - 1)
+                table = self._l2_for_write(l1i)
+                stop = min(self.l2_entries, l2i + ((offset + length - 1) >> cb) - g + 1)
+                entry = table[l2i]
+                if self._in_place(entry):
+                    host = entry & L2E_OFFSET_MASK
+                    self._host_check(host, "data cluster")
+                    j = l2i + 1
+                    while j < stop and (table[j] & L2E_OFFSET_MASK) == host + (j - l2i) * cs \
+                            and self._in_place(table[j]):
+                        j += 1
+                    for i in range(l2i, j):
+                        if not table[i] & QCOW_OFLAG_COPIED:
+                            table[i] |= QCOW_OFLAG_COPIED
+                            self.l2.mark_dirty(self._l2_offset(l1i))
+                    n = min(length - pos, (j - l2i) * cs - in_cl)
+                    self.f.pwrite(host + in_cl, view[pos:pos + n])
+                else:
+                    j = l2i + 1
+                    while j < stop and not self._in_place(table[j]):
+                        j += 1
+                    first, count = self.alloc.alloc_run(j - l2i)
+                    n = min(length - pos, count * cs - in_cl)
+                    self._write_new(first << cb, table, l2i, count, in_cl, view[pos:pos + n])
+                    for k in range(count):
+                        old = table[l2i + k]
+                        table[l2i + k] = ((first + k) << cb) | QCOW_OFLAG_COPIED
+                        self._release(old)
+                    self.l2.mark_dirty(self._l2_offset(l1i))
+                pos += n
+            if self.l2.over_budget:
+                self.flush()
+        return length
+
+    def _l2_offset(self, l1_index: int) -> int:
+        return self.l1[l1_index] & L1E_OFFSET_MASK
+
+    def _write_new(self, host: int, table: array.array, l2i: int, count: int, in_cl: int,
+                   data: memoryview) -> None:
+        """Write `data` at in_cl into `count` fresh host clusters, filling partial
+        head and tail clusters from the guest clusters' old content."""
+        cs = self.cluster_size
+        end = in_cl + len(data)
+        if in_cl == 0 and end == count * cs:
+            self.f.pwrite(host, data)
+            return
+        buf = bytearray(count * cs)
+        if in_cl:
+            buf[:cs] = self.cluster_content(table[l2i])
+        if end % cs:
+            last = (end - 1) // cs
+            buf[last * cs:(last + 1) * cs] = self.cluster_content(table[l2i + last])
+        buf[in_cl:end] = data
+        self.f.pwrite(host, buf)
+
+    # -- durability -----------------------------------------------------------------
+
+    def flush(self) -> None:
+        """Make every earlier write durable, in crash-safe order."""
+        if not self.writable:
+            return
+        with self._lock:
+            f = self.f
+            self.rc.flush()
+            if f.unsynced:
+                f.sync()  # guest data before the L2 entries that map it
+            if self.l2.write_dirty():
+                f.sync()
+            if self.l1_dirty:
+                base = self.header.l1_table_offset
+                for i in sorted(self.l1_dirty):
+                    f.pwrite(base + 8 * i, struct.pack(">Q", self.l1[i]))
+                self.l1_dirty.clear()
+                f.sync()
+            if self.alloc.pending_free:
+                self.alloc.release_pending()  # references are gone from disk now
+                self.rc.flush()
+            if f.unsynced:
+                f.sync()
+
+    def close(self) -> None:
+        if self.f.fd < 0:
+            return
+        try:
+            self.flush()
+        finally:
+            self.f.close()
+
+    def __enter__(self) -> "Image":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- marking the image corrupt (QEMU's qcow2_signal_corruption) -------------------
+
+    def mark_corrupt(self, reason: str) -> None:
+        if not self.writable or self.version < 3:
+            return
+        log.error("marking image corrupt: %s", reason)
+        self.header.incompatible_features |= INCOMPAT_CORRUPT
+        self.f.pwrite(OFF_INCOMPATIBLE_FEATURES, struct.pack(">Q", self.header.incompatible_features))
+        self.f.sync()
+        self.writable = False
+

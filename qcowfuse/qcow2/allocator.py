@@ -1,0 +1,54 @@
+"""Where new host clusters come from, and when old ones may be given back.
+
+Allocation takes the lowest free clusters (refcount 0), reusing holes before
+growing the file, and raises their refcounts at once (in memory; the refcount
+store reaches disk before any table that points at them).
+
+Freeing is deferred: a cluster's refcount drops only after the reference that
+was removed is on disk (`release_pending`, called by the image after its tables
+are synced), so a crash can leak a cluster but never leave a live reference
+to a cluster with refcount 0.
+"""
+
+from __future__ import annotations
+
+from .refcounts import RefcountStore
+
+
+class Allocator:
+    def __init__(self, refcounts: RefcountStore) -> None:
+        self.rc = refcounts
+        self.pending_free: list[int] = []  # cluster indexes, one entry per reference dropped
+
+    def alloc_run(self, want: int) -> tuple[int, int]:
+        """Allocate up to `want` contiguous clusters: (first cluster index, count >= 1)."""
+        rc = self.rc
+        epb = rc.entries_per_block
+        while True:
+            start = rc.next_free(rc.free_hint)
+            count = 1
+            while count < want and rc.get(start + count) == 0:
+                count += 1
+            generation = rc.generation
+            for b in range(start // epb, (start + count - 1) // epb + 1):
+                rc.ensure_block(b)
+            if rc.generation != generation:
+                continue  # new refcount blocks may sit inside the candidate run
+            for c in range(start, start + count):
+                rc.add(c, 1)
+            if start == rc.free_hint:
+                rc.free_hint = start + count
+            return start, count
+
+    def alloc(self) -> int:
+        """One cluster (for an L2 table); returns its cluster index."""
+        return self.alloc_run(1)[0]
+
+    def free_later(self, cluster: int) -> None:
+        self.pending_free.append(cluster)
+
+    def release_pending(self) -> None:
+        """Drop the refcounts of references that are gone from disk."""
+        pending, self.pending_free = self.pending_free, []
+        for c in pending:
+            self.rc.add(c, -1)

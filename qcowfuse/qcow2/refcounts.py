@@ -1,0 +1,297 @@
+"""Refcount table and refcount blocks (docs/interop/qcow2.rst, "Host cluster management").
+
+The refcount of host cluster `c` lives in refcount block `c // entries_per_block`,
+at index `c % entries_per_block`; the refcount table holds the block offsets.
+
+Invariant this module exists to keep (OpenBSD vmd broke it): every cluster that
+metadata points at, including each refcount block and the refcount table
+itself, has a refcount of at least 1.  New blocks are allocated lazily; a block
+that lands inside the range it describes records its own refcount, otherwise the
+block covering it is incremented first (allocated itself if needed).  When the
+table is full it moves to a larger place at the end of the file together with
+the blocks needed to describe it (QEMU's qcow2_refcount_area).
+
+Changes are kept in memory until `flush()`, which writes blocks, syncs, then
+writes table entries and syncs: a reference never reaches disk before the
+refcount that accounts for it (callers flush this before their own tables).
+"""
+
+from __future__ import annotations
+
+import array
+import struct
+import sys
+from collections import OrderedDict
+
+from ..errors import CorruptError, FormatError
+from ..hostfile import HostFile
+from .header import MAX_REFTABLE_BYTES, OFF_REFCOUNT_TABLE, Header
+
+# Reftable entry: bits 9-63 hold the refcount block offset; bits 0-8 are reserved.
+REFT_OFFSET_MASK = 0xFFFFFFFFFFFFFE00
+
+_TYPECODES = {8: "B", 16: "H", 32: "I", 64: "Q"}
+_BIG_ENDIAN_HOST = sys.byteorder == "big"
+
+
+class RefblockCodec:
+    """Converts one refcount block between its on-disk bytes and an array of ints."""
+
+    def __init__(self, cluster_size: int, refcount_order: int) -> None:
+        self.bits = 1 << refcount_order
+        self.entries = cluster_size * 8 // self.bits
+        self.cluster_size = cluster_size
+        self.max_value = (1 << self.bits) - 1
+        if self.bits >= 8:
+            self.typecode = _TYPECODES[self.bits]
+            assert array.array(self.typecode).itemsize * 8 == self.bits
+        else:
+            # Sub-byte widths: entry i sits in byte i // per, bit 0 least significant.
+            self.typecode = "B"
+            self.per_byte = 8 // self.bits
+            mask = self.max_value
+            self._unpack = [bytes((b >> (k * self.bits)) & mask for b in range(256))
+                            for k in range(self.per_byte)]
+            self._pack = [bytes((v << (k * self.bits)) & 0xFF for v in range(256))
+                          for k in range(self.per_byte)]
+
+    def zeros(self) -> array.array:
+        return array.array(self.typecode, bytes(self.entries * array.array(self.typecode).itemsize))
+
+    def decode(self, data: bytes) -> array.array:
+        if self.bits >= 8:
+            values = array.array(self.typecode, data)
+            if self.bits > 8 and not _BIG_ENDIAN_HOST:
+                values.byteswap()
+            return values
+        out = bytearray(self.entries)
+        for k, table in enumerate(self._unpack):
+            out[k::self.per_byte] = data.translate(table)
+        return array.array("B", out)
+
+    def encode(self, values: array.array) -> bytes:
+        if self.bits >= 8:
+            if self.bits == 8 or _BIG_ENDIAN_HOST:
+                return values.tobytes()
+            swapped = array.array(self.typecode, values)
+            swapped.byteswap()
+            return swapped.tobytes()
+        raw = values.tobytes()
+        acc = 0
+        for k, table in enumerate(self._pack):
+            acc |= int.from_bytes(raw[k::self.per_byte].translate(table), "little")
+        return acc.to_bytes(self.cluster_size, "little")
+
+
+class RefcountStore:
+    """Reads and changes refcounts, allocating blocks and growing the table as needed."""
+
+    def __init__(self, f: HostFile, header: Header, block_cache_bytes: int = 16 << 20) -> None:
+        self.f = f
+        self.header = header
+        self.cluster_size = header.cluster_size
+        self.cluster_bits = header.cluster_bits
+        self.codec = RefblockCodec(header.cluster_size, header.refcount_order)
+        self.entries_per_block = self.codec.entries
+        raw = f.pread(header.refcount_table_offset, header.refcount_table_clusters * self.cluster_size)
+        n = len(raw) // 8
+        self.table: list[int] = [e & REFT_OFFSET_MASK for e in struct.unpack(f">{n}Q", raw)]
+        self.dirty_table: set[int] = set()
+        self.blocks: OrderedDict[int, array.array] = OrderedDict()  # block index -> values
+        self.dirty_blocks: set[int] = set()
+        self.max_cached_blocks = max(8, block_cache_bytes // self.cluster_size)
+        # Lowest cluster index that may be free; nothing below it has refcount 0.
+        self.free_hint = 0
+        # Bumped whenever this module allocates a cluster for its own metadata, so an
+        # allocator can tell its candidate range may have been taken meanwhile.
+        self.generation = 0
+
+    # -- reading ------------------------------------------------------------
+
+    def _block(self, b: int) -> array.array | None:
+        """Values of refcount block `b`, or None if the table has no block for it."""
+        values = self.blocks.get(b)
+        if values is not None:
+            self.blocks.move_to_end(b)
+            return values
+        if b >= len(self.table) or not self.table[b]:
+            return None
+        off = self.table[b]
+        if off % self.cluster_size:
+            raise CorruptError(f"refcount block {b} at unaligned offset {off:#x}")
+        values = self.codec.decode(self.f.pread(off, self.cluster_size))
+        self.blocks[b] = values
+        self._evict()
+        return values
+
+    def _evict(self) -> None:
+        if len(self.blocks) <= self.max_cached_blocks:
+            return
+        for b in list(self.blocks)[:-1]:  # never the block just used
+            if len(self.blocks) <= self.max_cached_blocks:
+                break
+            if b not in self.dirty_blocks:
+                del self.blocks[b]
+
+    def get(self, cluster: int) -> int:
+        b, i = divmod(cluster, self.entries_per_block)
+        values = self._block(b)
+        return values[i] if values is not None else 0
+
+    def next_free(self, start: int) -> int:
+        """First cluster index >= start whose refcount is 0."""
+        epb = self.entries_per_block
+        c = start
+        while True:
+            b, i = divmod(c, epb)
+            values = self._block(b)
+            if values is None:
+                return c
+            try:
+                return b * epb + values.index(0, i)
+            except ValueError:
+                c = (b + 1) * epb
+
+    def free_run(self, count: int, start: int | None = None) -> int:
+        """First cluster index of `count` consecutive free clusters."""
+        c = self.next_free(self.free_hint if start is None else start)
+        while True:
+            for k in range(1, count):
+                if self.get(c + k):
+                    c = self.next_free(c + k + 1)
+                    break
+            else:
+                return c
+
+    # -- changing -----------------------------------------------------------
+
+    def add(self, cluster: int, delta: int) -> int:
+        """Change a refcount by delta; allocates the covering block if needed."""
+        b, i = divmod(cluster, self.entries_per_block)
+        values = self.ensure_block(b)
+        new = values[i] + delta
+        if new < 0 or new > self.codec.max_value:
+            raise CorruptError(
+                f"refcount of cluster {cluster} would become {new} "
+                f"(allowed 0..{self.codec.max_value})")
+        values[i] = new
+        self.dirty_blocks.add(b)
+        if new == 0 and cluster < self.free_hint:
+            self.free_hint = cluster
+        return new
+
+    def ensure_block(self, b: int) -> array.array:
+        """Values of block `b`, allocating it (and growing the table) if it does not exist."""
+        while True:
+            values = self._block(b)
+            if values is not None:
+                return values
+            if b >= len(self.table):
+                self._grow_table(b + 1)
+            else:
+                self._new_block(b)
+
+    def _new_block(self, b: int) -> None:
+        """Try once to allocate a cluster for block `b`; the caller loops until it exists."""
+        x = self.next_free(self.free_hint)
+        bx = x // self.entries_per_block
+        values = self.codec.zeros()
+        if bx == b:
+            values[x % self.entries_per_block] = 1  # the block describes itself
+        elif self._block(bx) is None:
+            # x is described by a block that does not exist yet: create that one first
+            # (it may well take x itself), then let the caller try again.
+            self.ensure_block(bx)
+            return
+        else:
+            self.add(x, 1)
+        self._install_block(b, x, values)
+
+    def _install_block(self, b: int, cluster: int, values: array.array) -> None:
+        self.table[b] = cluster * self.cluster_size
+        self.dirty_table.add(b)
+        self.blocks[b] = values
+        self.dirty_blocks.add(b)
+        self.generation += 1
+        if cluster == self.free_hint:
+            self.free_hint = cluster + 1
+
+    def _blocks_missing(self, first: int, count: int, table_len: int) -> list[int]:
+        epb = self.entries_per_block
+        return [b for b in range(first // epb, (first + count - 1) // epb + 1)
+                if b >= table_len or not self.table[b]]
+
+    def _grow_table(self, min_entries: int) -> None:
+        """Move the refcount table to a larger, self-describing area (crash safe).
+
+        Layout of the new area: [new table][refcount blocks for the area].  Every
+        cluster of the area is counted before the header switches to it; the old
+        table's clusters are released only once the switch is on disk.
+        """
+        cs = self.cluster_size
+        per_cluster = cs // 8
+        entries = max(min_entries, len(self.table) * 3 // 2 + 1)
+        nblocks = 0
+        while True:
+            table_clusters = -(-entries // per_cluster)
+            start = self.free_run(table_clusters + nblocks)
+            missing = self._blocks_missing(start, table_clusters + nblocks, len(self.table))
+            if missing and missing[-1] >= table_clusters * per_cluster:
+                entries = missing[-1] + 1
+                continue
+            if len(missing) > nblocks:
+                nblocks = len(missing)
+                continue
+            # Fewer blocks needed than reserved: shrink the area in place.  The smaller
+            # area needs a subset of the blocks, so this settles with none left over.
+            while len(missing) < nblocks:
+                nblocks = len(missing)
+                missing = self._blocks_missing(start, table_clusters + nblocks, len(self.table))
+            break
+        if table_clusters * cs > MAX_REFTABLE_BYTES:
+            raise FormatError("refcount table would exceed its maximum size (image too large)")
+        old_offset = self.header.refcount_table_offset
+        old_clusters = self.header.refcount_table_clusters
+        self.table.extend([0] * (table_clusters * per_cluster - len(self.table)))
+        for j, b in enumerate(missing):
+            self._install_block(b, start + table_clusters + j, self.codec.zeros())
+        for c in range(start, start + table_clusters + nblocks):
+            self.add(c, 1)  # every block exists now: no recursion
+        self.generation += 1
+        # Blocks first, then the table, then the header: each durable before the next.
+        self._write_blocks()
+        self.f.sync()
+        self.f.pwrite(start * cs, struct.pack(f">{len(self.table)}Q", *self.table))
+        self.f.sync()
+        self.f.pwrite(OFF_REFCOUNT_TABLE, struct.pack(">QI", start * cs, table_clusters))
+        self.f.sync()
+        self.dirty_table.clear()
+        self.header.refcount_table_offset = start * cs
+        self.header.refcount_table_clusters = table_clusters
+        for c in range(old_offset // cs, old_offset // cs + old_clusters):
+            self.add(c, -1)
+
+    # -- persistence --------------------------------------------------------
+
+    def _write_blocks(self) -> bool:
+        for b in sorted(self.dirty_blocks):
+            self.f.pwrite(self.table[b], self.codec.encode(self.blocks[b]))
+        wrote = bool(self.dirty_blocks)
+        self.dirty_blocks.clear()
+        return wrote
+
+    def flush(self) -> None:
+        """Blocks, sync, table entries, sync: only what changed, nothing when clean."""
+        if self._write_blocks():
+            self.f.sync()
+        if self.dirty_table:
+            base = self.header.refcount_table_offset
+            for b in sorted(self.dirty_table):
+                self.f.pwrite(base + 8 * b, struct.pack(">Q", self.table[b]))
+            self.dirty_table.clear()
+            self.f.sync()
+        self._evict()
+
+    @property
+    def dirty(self) -> bool:
+        return bool(self.dirty_blocks or self.dirty_table)

@@ -1,0 +1,115 @@
+"""L1 and L2 table entries and the L2 table cache (docs/interop/qcow2.rst, "Cluster mapping").
+
+Tables are kept decoded as host-endian `array('Q')`; they are byte-swapped only
+when read from or written to the image.
+"""
+
+from __future__ import annotations
+
+import array
+import enum
+import sys
+from collections import OrderedDict
+
+from ..errors import CorruptError
+from ..hostfile import HostFile
+
+# L1 entry: bits 9-55 L2 table offset, bit 63 COPIED (refcount exactly 1).
+L1E_OFFSET_MASK = 0x00FFFFFFFFFFFE00
+# Standard L2 entry: bit 63 COPIED, bit 62 compressed, bits 9-55 host offset,
+# bit 0 "reads as zeros" (version 3 only).
+L2E_OFFSET_MASK = 0x00FFFFFFFFFFFE00
+QCOW_OFLAG_COPIED = 1 << 63
+QCOW_OFLAG_COMPRESSED = 1 << 62
+QCOW_OFLAG_ZERO = 1 << 0
+
+_SWAP = sys.byteorder == "little"
+
+
+class ClusterType(enum.Enum):
+    UNALLOCATED = "unallocated"  # read from the backing file, or zeros
+    ZERO_PLAIN = "zero"  # zero flag, no host cluster
+    ZERO_ALLOC = "zero-alloc"  # zero flag with a preallocated host cluster
+    NORMAL = "normal"
+    COMPRESSED = "compressed"
+
+
+def classify(entry: int, version: int) -> ClusterType:
+    if entry & QCOW_OFLAG_COMPRESSED:
+        return ClusterType.COMPRESSED
+    if version >= 3 and entry & QCOW_OFLAG_ZERO:
+        return ClusterType.ZERO_ALLOC if entry & L2E_OFFSET_MASK else ClusterType.ZERO_PLAIN
+    if entry & L2E_OFFSET_MASK:
+        return ClusterType.NORMAL
+    return ClusterType.UNALLOCATED
+
+
+def decode_table(data: bytes) -> array.array:
+    t = array.array("Q", data)
+    if _SWAP:
+        t.byteswap()
+    return t
+
+
+def encode_table(t: array.array) -> bytes:
+    if not _SWAP:
+        return t.tobytes()
+    out = array.array("Q", t)
+    out.byteswap()
+    return out.tobytes()
+
+
+class L2Cache:
+    """LRU cache of L2 tables keyed by host offset; dirty tables stay until written."""
+
+    def __init__(self, f: HostFile, cluster_size: int, max_bytes: int) -> None:
+        self.f = f
+        self.cluster_size = cluster_size
+        self.max_tables = max(4, max_bytes // cluster_size)
+        self.tables: OrderedDict[int, array.array] = OrderedDict()
+        self.dirty: set[int] = set()
+
+    def get(self, offset: int) -> array.array:
+        t = self.tables.get(offset)
+        if t is not None:
+            self.tables.move_to_end(offset)
+            return t
+        if offset % self.cluster_size:
+            raise CorruptError(f"L2 table at unaligned offset {offset:#x}")
+        t = decode_table(self.f.pread(offset, self.cluster_size))
+        self.tables[offset] = t
+        self._evict()
+        return t
+
+    def install(self, offset: int, table: array.array) -> None:
+        """A table that exists only in memory so far (new or copied on write)."""
+        self.tables[offset] = table
+        self.dirty.add(offset)
+
+    def mark_dirty(self, offset: int) -> None:
+        self.dirty.add(offset)
+
+    def forget(self, offset: int) -> None:
+        self.tables.pop(offset, None)
+        self.dirty.discard(offset)
+
+    @property
+    def over_budget(self) -> bool:
+        return len(self.tables) > self.max_tables and len(self.dirty) > self.max_tables // 2
+
+    def _evict(self) -> None:
+        if len(self.tables) <= self.max_tables:
+            return
+        for off in list(self.tables)[:-1]:  # never the table just used
+            if len(self.tables) <= self.max_tables:
+                break
+            if off not in self.dirty:
+                del self.tables[off]
+
+    def write_dirty(self) -> bool:
+        for off in sorted(self.dirty):
+            self.f.pwrite(off, encode_table(self.tables[off]))
+        wrote = bool(self.dirty)
+        self.dirty.clear()
+        self._evict()
+        return wrote

@@ -1,0 +1,62 @@
+"""QEMU as the referee: thin wrappers over qemu-img and qemu-io."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+
+def run(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    r = subprocess.run(list(args), capture_output=True, text=True)
+    if check and r.returncode:
+        raise AssertionError(f"{' '.join(args)} exited {r.returncode}:\n{r.stdout}\n{r.stderr}")
+    return r
+
+
+def create(path: Path, size: int, cluster_size: int = 65536, refcount_bits: int = 16,
+           compat: str = "1.1", extra: str = "") -> Path:
+    opts = f"cluster_size={cluster_size},refcount_bits={refcount_bits},compat={compat}"
+    if extra:
+        opts += "," + extra
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-o", opts, str(path), str(size))
+    return path
+
+
+def check(path: Path) -> dict:
+    """qemu-img check --output=json, with its exit code under 'rc'."""
+    r = run("qemu-img", "check", "--output=json", str(path), check=False)
+    info = json.loads(r.stdout) if r.stdout.strip().startswith("{") else {}
+    info["rc"] = r.returncode
+    info["text"] = r.stdout + r.stderr
+    return info
+
+
+def assert_clean(path: Path) -> dict:
+    info = check(path)
+    bad = {k: info.get(k, 0) for k in ("corruptions", "leaks", "check-errors")}
+    assert info["rc"] == 0 and not any(bad.values()), f"qemu-img check of {path}: {info['text']}"
+    return info
+
+
+def compare_raw(image: Path, raw: Path) -> None:
+    r = run("qemu-img", "compare", "-f", "qcow2", "-F", "raw", str(image), str(raw), check=False)
+    assert r.returncode == 0, f"qemu-img compare: {r.stdout}{r.stderr}"
+
+
+def qemu_io(path: Path, *commands: str, read_only: bool = False, fmt: str = "qcow2") -> str:
+    args = ["qemu-io", "-f", fmt]
+    if read_only:
+        args.append("-r")
+    for c in commands:
+        args += ["-c", c]
+    r = run(*args, str(path))
+    # qemu-io reports failed commands on stdout without a failing exit code
+    bad = [line for line in r.stdout.splitlines() if "failed" in line.lower() or "error" in line.lower()]
+    assert not bad, f"qemu-io {commands}: {bad}"
+    return r.stdout
+
+
+def convert_to_raw(image: Path, raw: Path) -> Path:
+    run("qemu-img", "convert", "-O", "raw", str(image), str(raw))
+    return raw

@@ -1,0 +1,135 @@
+"""CLI failure paths: one line, non-zero exit, nothing mounted, image unchanged."""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+import pytest
+
+import qemu
+from conftest import fuse_mounts, run_cli
+
+
+def assert_refused(args: list[str], fragment: str, image: Path | None = None, mp: Path | None = None):
+    before = image.read_bytes() if image is not None and image.exists() else None
+    r = run_cli(*args)
+    assert r.returncode != 0
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    assert lines[0].startswith("qcowfuse: ") and fragment in lines[0], lines[0]
+    assert "Traceback" not in r.stderr
+    if mp is not None:
+        assert str(mp) not in fuse_mounts()
+    if before is not None:
+        assert image.read_bytes() == before
+
+
+def patch(path: Path, offset: int, fmt: str, *values) -> Path:
+    with open(path, "r+b") as fh:
+        fh.seek(offset)
+        fh.write(struct.pack(fmt, *values))
+    return path
+
+
+@pytest.fixture
+def image(tmp_path):
+    return qemu.create(tmp_path / "disk.qcow2", 16 << 20)
+
+
+def test_help_and_version():
+    r = run_cli("--help")
+    assert r.returncode == 0 and "examples:" in r.stdout and "-o" in r.stdout
+    r = run_cli("--version")
+    assert r.returncode == 0 and r.stdout.startswith("qcowfuse ")
+
+
+def test_no_such_image(tmp_path):
+    assert_refused([str(tmp_path / "nope.qcow2"), str(tmp_path / "mp")], "no such file",
+                   mp=tmp_path / "mp")
+    assert not (tmp_path / "mp").exists()
+
+
+def test_not_qcow2(tmp_path):
+    f = tmp_path / "plain.img"
+    f.write_bytes(b"\0" * 65536)
+    assert_refused([str(f), str(tmp_path / "mp")], "not a qcow2 image", f, tmp_path / "mp")
+
+
+def test_truncated_image(tmp_path, image):
+    data = image.read_bytes()
+    t = tmp_path / "short.qcow2"
+    t.write_bytes(data[:50])
+    assert_refused([str(t), str(tmp_path / "mp")], "truncated", t)
+
+
+def test_empty_file(tmp_path):
+    f = tmp_path / "empty.qcow2"
+    f.write_bytes(b"")
+    assert_refused([str(f), str(tmp_path / "mp")], "not a qcow2 image", f)
+
+
+@pytest.mark.parametrize("offset,fmt,value,fragment", [
+    (4, ">I", 4, "unsupported qcow2 version 4"),
+    (20, ">I", 30, "invalid cluster_bits"),
+    (20, ">I", 8, "invalid cluster_bits"),
+    (96, ">I", 7, "invalid refcount_order"),
+    (72, ">Q", 1 << 20, "unknown incompatible features"),
+    (72, ">Q", 1 << 2, "external data file"),
+    (32, ">I", 1, "encrypted images are not supported"),
+    (32, ">I", 2, "encrypted images are not supported"),
+    (40, ">Q", 1 << 40, "beyond the end of the file"),
+    (48, ">Q", 1 << 40, "beyond the end of the file"),
+    (40, ">Q", 12345, "not cluster aligned"),
+    (36, ">I", 0x7FFFFFFF, "L1 table too large"),
+    (36, ">I", 0, "L1 table too small"),
+    (24, ">Q", 1 << 50, "L1 table too small"),
+    (40, ">Q", 0x10000, "overlaps"),
+    (8, ">QI", (0x100, 2000), "backing file name too long"),
+    (72, ">Q", 1 << 4, "extended L2"),
+])
+def test_bad_headers(tmp_path, image, offset, fmt, value, fragment):
+    values = value if isinstance(value, tuple) else (value,)
+    patch(image, offset, fmt, *values)
+    assert_refused([str(image), str(tmp_path / "mp")], fragment, image, tmp_path / "mp")
+
+
+def test_backing_file_refused_for_now(tmp_path):
+    base = qemu.create(tmp_path / "base.qcow2", 1 << 20)
+    top = tmp_path / "top.qcow2"
+    qemu.run("qemu-img", "create", "-q", "-f", "qcow2", "-b", str(base), "-F", "qcow2", str(top))
+    assert_refused([str(top), str(tmp_path / "mp")], "backing file", top)
+
+
+def test_corrupt_bit_refuses_rw_allows_ro(tmp_path, image, mount):
+    patch(image, 72, ">Q", 1 << 1)
+    assert_refused([str(image), str(tmp_path / "mp")], "corrupt", image)
+    with mount(image, tmp_path / "mp", "-o", "ro") as (raw, _):
+        assert raw.stat().st_size == 16 << 20
+
+
+def test_dirty_bit_refuses_rw(tmp_path, image):
+    patch(image, 72, ">Q", 1)
+    assert_refused([str(image), str(tmp_path / "mp")], "not closed cleanly", image)
+
+
+def test_bad_mountpoint(tmp_path, image):
+    assert_refused([str(image), str(tmp_path / "no" / "such" / "mp")], "parent does not exist", image)
+    assert_refused([str(image), "/dev/null"], "not a regular file or directory", image)
+    assert_refused([str(image), str(image)], "image itself", image)
+
+
+def test_already_mounted(tmp_path, image, mount):
+    other = qemu.create(tmp_path / "other.qcow2", 1 << 20)
+    mp = tmp_path / "mp"
+    with mount(image, mp):
+        assert_refused([str(other), str(mp)], "already mounted", other)
+
+
+def test_unknown_option(tmp_path, image):
+    assert_refused(["-o", "ro,frobnicate", str(image), str(tmp_path / "mp")], "unknown mount option", image)
+
+
+def test_generic_mount_options_are_ignored(tmp_path, image, mount):
+    with mount(image, tmp_path / "mp", "-o", "defaults,noatime,nodev,nosuid,ro") as (raw, _):
+        assert raw.stat().st_size == 16 << 20

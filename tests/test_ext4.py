@@ -1,0 +1,62 @@
+"""Real use: a loop device over the raw view, ext4, files, e2fsck."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import random
+import subprocess
+from pathlib import Path
+
+import qemu
+
+
+def sh(*args: str) -> str:
+    return subprocess.run(list(args), check=True, capture_output=True, text=True).stdout.strip()
+
+
+@contextlib.contextmanager
+def loop_device(raw: Path, read_only: bool = False):
+    dev = sh("losetup", "-f", "--show", *(["-r"] if read_only else []), str(raw))
+    try:
+        yield dev
+    finally:
+        subprocess.run(["losetup", "-d", dev], capture_output=True)
+
+
+@contextlib.contextmanager
+def fs_mounted(dev: str, where: Path, read_only: bool = False):
+    where.mkdir(exist_ok=True)
+    sh("mount", *(["-o", "ro"] if read_only else []), dev, str(where))
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", str(where)], capture_output=True)
+
+
+def tree_hashes(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file() and "lost+found" not in p.parts}
+
+
+def test_ext4_on_loop_device(tmp_path, mount):
+    img = qemu.create(tmp_path / "guest.qcow2", 1 << 30)
+    rnd = random.Random(3)
+    with mount(img, tmp_path / "raw") as (raw, _):
+        with loop_device(raw) as dev:
+            sh("mkfs.ext4", "-q", "-F", dev)
+            with fs_mounted(dev, tmp_path / "guest") as root:
+                for i in range(300):
+                    d = root / f"d{i % 17}"
+                    d.mkdir(exist_ok=True)
+                    (d / f"f{i}").write_bytes(rnd.randbytes(rnd.choice([0, 100, 4096, 70000, 1 << 20])))
+                written = tree_hashes(root)
+                sh("sync")
+            fsck = subprocess.run(["e2fsck", "-fn", dev], capture_output=True, text=True)
+            assert fsck.returncode == 0, fsck.stdout + fsck.stderr
+    qemu.assert_clean(img)
+    with mount(img, tmp_path / "raw", "-o", "ro") as (raw, _):
+        with loop_device(raw, read_only=True) as dev:
+            with fs_mounted(dev, tmp_path / "guest", read_only=True) as root:
+                assert tree_hashes(root) == written
+    assert len(written) == 300
