@@ -53,6 +53,8 @@ def parse_mount_options(values: list[str], opts: MountOptions) -> None:
                 opts.foreground = True
             elif name == "direct_io":
                 opts.direct_io = True
+            elif name in ("force-share", "force_share"):
+                opts.force_share = True
             elif name in GENERIC_MOUNT_OPTIONS or name.startswith(("x-", "comment=")):
                 continue
             else:
@@ -70,7 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stay in the foreground and log to stderr (default: daemonize once mounted)")
     p.add_argument("-o", dest="options", action="append", default=[], metavar="OPT[,OPT...]",
                    help="mount options: ro, rw (default), allow_other, debug (implies -f), "
-                        "direct_io; generic mount(8) options are ignored")
+                        "direct_io, force-share (with ro: no image locks, like qemu-img -U); "
+                        "generic mount(8) options are ignored")
     p.add_argument("--pidfile", metavar="FILE", help="write the daemon's pid here once mounted")
     p.add_argument("-V", "--version", action="version", version=f"qcowfuse {__version__}")
     return p

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from .errors import QcowError
 from .image import Image
+from .notify import sd_notify
 
 log = logging.getLogger("qcowfuse")
 
@@ -33,6 +34,7 @@ class MountOptions:
     allow_other: bool = False
     debug: bool = False
     direct_io: bool = False
+    force_share: bool = False
     pidfile: str | None = None
     extra_fuse_options: list[str] = field(default_factory=list)
 
@@ -91,7 +93,9 @@ def mount(opts: MountOptions) -> int:
         raise MountError(f"{opts.image}: no such file")
     if not os.path.isfile(image_path):
         raise MountError(f"{opts.image}: not a regular file")
-    image = Image.open(image_path, writable=not opts.read_only)
+    if opts.force_share and not opts.read_only:
+        raise MountError("force-share needs a read-only mount (-o ro,force-share)")
+    image = Image.open(image_path, writable=not opts.read_only, lock=not opts.force_share)
     target = None
     try:
         target = prepare_mountpoint(opts.mountpoint, image_path)
@@ -207,11 +211,16 @@ def serve(image: Image, opts: MountOptions, target: MountTarget, ready_fd: int |
                 Path(opts.pidfile).write_text(f"{os.getpid()}\n")
             log.info("serving %s on %s%s", image.f.path, target.path,
                      " (read-only)" if opts.read_only else "")
+            if opts.force_share:
+                log.warning("force-share: %s is not locked; another process may change it "
+                            "while it is mounted", image.f.path)
             _report(ready_fd, "ready")
+            sd_notify(f"READY=1\nMAINPID={os.getpid()}")
 
     async def _on_signals(nursery: trio.Nursery) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async for _ in signals:
+                sd_notify("STOPPING=1")
                 pyfuse3.terminate()
                 return
 

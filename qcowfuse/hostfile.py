@@ -32,6 +32,10 @@ class HostFile:
             raise CorruptError(f"read of {length} bytes at {offset:#x} runs past the end of the image file")
         return data
 
+    def pread_upto(self, offset: int, length: int) -> bytes:
+        """Read up to `length` bytes; shorter only at the end of the file."""
+        return os.pread(self.fd, length, offset)
+
     def pread_into(self, offset: int, buf: memoryview) -> None:
         n = os.preadv(self.fd, [buf], offset)
         if n != len(buf):

@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import array
 import logging
-import os
 import struct
 import threading
 
 from .errors import CorruptError, QcowError, ReadOnlyError, UnsupportedError
 from .hostfile import HostFile
+from .locking import lock_image
 from .qcow2.allocator import Allocator
 from .qcow2.compressed import CompressedDescriptor, decompress
 from .qcow2.header import (
@@ -67,8 +67,11 @@ class Image:
     # -- opening --------------------------------------------------------------
 
     @classmethod
-    def open(cls, path: str, writable: bool = False, **cache) -> "Image":
-        """Open and validate; nothing is written to the file until the first write."""
+    def open(cls, path: str, writable: bool = False, lock: bool = True, **cache) -> "Image":
+        """Open and validate; nothing is written to the file until the first write.
+
+        lock: take QEMU's lock bytes (see locking.py); False is QEMU's force-share.
+        """
         try:
             f = HostFile.open(path, writable)
         except IsADirectoryError:
@@ -76,14 +79,21 @@ class Image:
         except OSError as e:
             raise QcowError(f"{path}: {e.strerror}") from None
         try:
-            file_size = f.size()
-            head = os.pread(f.fd, 1 << MAX_CLUSTER_BITS, 0)
-            header = Header.parse(head, file_size)
-            cls._refuse_unsupported(header, writable)
-            return cls(f, header, writable, **cache)
+            if lock:
+                lock_image(f.fd, writable, path)
+            return cls.open_file(f, writable, **cache)
         except BaseException:
             f.close()
             raise
+
+    @classmethod
+    def open_file(cls, f: HostFile, writable: bool = False, **cache) -> "Image":
+        """Open over an already open HostFile (or a substitute with the same methods,
+        e.g. a recording layer in tests).  The caller keeps `f` if this raises."""
+        head = f.pread(0, min(f.size(), 1 << MAX_CLUSTER_BITS))
+        header = Header.parse(head, f.size())
+        cls._refuse_unsupported(header, writable)
+        return cls(f, header, writable, **cache)
 
     @staticmethod
     def _refuse_unsupported(h: Header, writable: bool) -> None:
@@ -128,7 +138,7 @@ class Image:
         if cached is not None and cached[0] == entry:
             return cached[1]
         d = CompressedDescriptor.decode(entry, self.cluster_bits)
-        data = os.pread(self.f.fd, d.length, d.offset)
+        data = self.f.pread_upto(d.offset, d.length)  # may end at EOF
         out = decompress(data, self.cluster_size, self.header.compression_type)
         self._compressed_cache = (entry, out)
         return out
