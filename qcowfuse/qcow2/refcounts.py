@@ -284,13 +284,22 @@ class RefcountStore:
         """Blocks, sync, table entries, sync: only what changed, nothing when clean."""
         if self._write_blocks():
             self.f.sync()
-        if self.dirty_table:
-            base = self.header.refcount_table_offset
-            for b in sorted(self.dirty_table):
+        # A new block's own refcount may live in another new block; its table entry
+        # must not reach disk first (a torn or reordered crash would leave a reachable
+        # block with refcount 0).  Write entries in waves, covering blocks first.
+        base = self.header.refcount_table_offset
+        while self.dirty_table:
+            wave = [b for b in sorted(self.dirty_table)
+                    if self._covering_block(b) == b or self._covering_block(b) not in self.dirty_table]
+            for b in wave:
                 self.f.pwrite(base + 8 * b, struct.pack(">Q", self.table[b]))
-            self.dirty_table.clear()
+            self.dirty_table.difference_update(wave)
             self.f.sync()
         self._evict()
+
+    def _covering_block(self, b: int) -> int:
+        """Index of the block holding the refcount of block b's own cluster."""
+        return (self.table[b] >> self.cluster_bits) // self.entries_per_block
 
     @property
     def dirty(self) -> bool:
