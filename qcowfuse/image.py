@@ -21,6 +21,7 @@ import struct
 import threading
 
 from .errors import CorruptError, QcowError, ReadOnlyError, UnsupportedError
+from .backing import Layer, file_identity, open_backing
 from .hostfile import HostFile
 from .locking import lock_image
 from .qcow2.allocator import Allocator
@@ -42,12 +43,14 @@ DEFAULT_REFCOUNT_CACHE_BYTES = 8 << 20
 class Image:
     """A qcow2 image seen as a flat guest disk of `size` bytes."""
 
-    def __init__(self, f: HostFile, header: Header, writable: bool,
+    def __init__(self, f: HostFile, header: Header, writable: bool, backing: Layer | None = None,
                  l2_cache_bytes: int = DEFAULT_L2_CACHE_BYTES,
                  refcount_cache_bytes: int = DEFAULT_REFCOUNT_CACHE_BYTES) -> None:
+        self._refuse_unsupported(header, writable)
         self.f = f
         self.header = header
         self.writable = writable
+        self.backing = backing
         self.size = header.size
         self.version = header.version
         self.cluster_bits = header.cluster_bits
@@ -67,8 +70,10 @@ class Image:
     # -- opening --------------------------------------------------------------
 
     @classmethod
-    def open(cls, path: str, writable: bool = False, lock: bool = True, **cache) -> "Image":
-        """Open and validate; nothing is written to the file until the first write.
+    def open(cls, path: str, writable: bool = False, lock: bool = True,
+             _seen: frozenset[tuple[int, int]] = frozenset(), **cache) -> "Image":
+        """Open and validate, with the backing chain; nothing is written to the file
+        until the first write.
 
         lock: take QEMU's lock bytes (see locking.py); False is QEMU's force-share.
         """
@@ -81,25 +86,39 @@ class Image:
         try:
             if lock:
                 lock_image(f.fd, writable, path)
-            return cls.open_file(f, writable, **cache)
+            head, header = cls._read_header(f)
+            backing = None
+            if header.backing_file is not None:
+                seen = _seen | {file_identity(path)}
+                backing = open_backing(header.backing_file, header.backing_format, path, seen, lock)
+            try:
+                return cls(f, header, writable, backing=backing, **cache)
+            except BaseException:
+                if backing is not None:
+                    backing.close()
+                raise
         except BaseException:
             f.close()
             raise
 
     @classmethod
-    def open_file(cls, f: HostFile, writable: bool = False, **cache) -> "Image":
+    def open_file(cls, f: HostFile, writable: bool = False, backing: Layer | None = None,
+                  **cache) -> "Image":
         """Open over an already open HostFile (or a substitute with the same methods,
-        e.g. a recording layer in tests).  The caller keeps `f` if this raises."""
+        e.g. a recording layer in tests); an image with a backing file needs its
+        `backing` layer given.  The caller keeps `f` if this raises."""
+        _, header = cls._read_header(f)
+        if header.backing_file is not None and backing is None:
+            raise UnsupportedError(f"image names backing file {header.backing_file}: open it with Image.open")
+        return cls(f, header, writable, backing=backing, **cache)
+
+    @classmethod
+    def _read_header(cls, f: HostFile) -> tuple[bytes, Header]:
         head = f.pread(0, min(f.size(), 1 << MAX_CLUSTER_BITS))
-        header = Header.parse(head, f.size())
-        cls._refuse_unsupported(header, writable)
-        return cls(f, header, writable, **cache)
+        return head, Header.parse(head, f.size())
 
     @staticmethod
     def _refuse_unsupported(h: Header, writable: bool) -> None:
-        if h.backing_file is not None:
-            raise UnsupportedError(f"images with a backing file are not supported yet "
-                                   f"(backing file: {h.backing_file})")
         if h.incompatible_features & INCOMPAT_EXTL2:
             raise UnsupportedError("images with extended L2 entries (subclusters) are not supported yet")
         if writable and h.incompatible_features & INCOMPAT_CORRUPT:
@@ -122,8 +141,8 @@ class Image:
         if off % self.cluster_size:
             raise CorruptError(f"{what} at unaligned host offset {off:#x}")
 
-    def cluster_content(self, entry: int) -> bytes:
-        """A guest cluster's whole content given its L2 entry (for reads and copy-on-write)."""
+    def cluster_content(self, entry: int, guest_cluster: int) -> bytes:
+        """A guest cluster's whole content given its L2 entry (for copy-on-write)."""
         kind = classify(entry, self.version)
         if kind is ClusterType.NORMAL:
             off = entry & L2E_OFFSET_MASK
@@ -131,7 +150,16 @@ class Image:
             return self.f.pread(off, self.cluster_size)
         if kind is ClusterType.COMPRESSED:
             return self._compressed(entry)
+        if kind is ClusterType.UNALLOCATED and self.backing is not None:
+            return self._backing_read(guest_cluster << self.cluster_bits, self.cluster_size)
         return bytes(self.cluster_size)
+
+    def _backing_read(self, offset: int, length: int) -> bytes:
+        """Guest bytes from the layer below; zeros past its end."""
+        assert self.backing is not None
+        avail = max(0, min(length, self.backing.size - offset))
+        data = self.backing.read(offset, avail) if avail else b""
+        return data if avail == length else data.ljust(length, b"\0")
 
     def _compressed(self, entry: int) -> bytes:
         cached = self._compressed_cache
@@ -152,40 +180,56 @@ class Image:
         length = max(0, min(length, self.size - offset))
         out = bytearray(length)
         view = memoryview(out)
+        with self._lock:
+            for kind, src, pos, n in self._read_plan(offset, length):
+                if kind is ClusterType.NORMAL:
+                    self.f.pread_into(src, view[pos:pos + n])
+                elif kind is ClusterType.UNALLOCATED:
+                    view[pos:pos + n] = self._backing_read(src, n)
+                else:  # compressed: src is the L2 entry, n bytes from offset pos-in-cluster
+                    in_cl = (offset + pos) & (self.cluster_size - 1)
+                    view[pos:pos + n] = self._compressed(src)[in_cl:in_cl + n]
+        return bytes(out)
+
+    def _read_plan(self, offset: int, length: int) -> list[tuple[ClusterType, int, int, int]]:
+        """(kind, source offset, position in request, length) extents, merged where both
+        the source and the request are contiguous: one pread per host extent.  Zero
+        clusters (and unallocated ones without a backing file) need no I/O at all."""
         cb, cs = self.cluster_bits, self.cluster_size
         # entries with these bits are not plain data (the zero flag exists from v3)
         special = QCOW_OFLAG_COMPRESSED | (QCOW_OFLAG_ZERO if self.version >= 3 else 0)
-        with self._lock:
-            pos = 0
-            run_host = run_pos = run_len = 0  # pending contiguous host extent
-            while pos < length:
+        backing = self.backing is not None
+        plan: list[tuple[ClusterType, int, int, int]] = []
+        pos = 0
+        while pos < length:
+            g = (offset + pos) >> cb
+            l2i = g & (self.l2_entries - 1)
+            table = self._l2_table(g >> self.l2_bits)
+            n_cl = min(self.l2_entries - l2i, ((offset + length - 1) >> cb) - g + 1)
+            for i in range(l2i, l2i + n_cl):
                 voff = offset + pos
-                g = voff >> cb
-                l2i = g & (self.l2_entries - 1)
-                table = self._l2_table(g >> self.l2_bits)
-                # clusters of this request inside this L2 table
-                n_cl = min(self.l2_entries - l2i, ((offset + length - 1) >> cb) - g + 1)
-                for i in range(l2i, l2i + n_cl):
-                    in_cl = (offset + pos) & (cs - 1)
-                    n = min(cs - in_cl, length - pos)
-                    entry = table[i] if table is not None else 0
-                    if entry & L2E_OFFSET_MASK and not entry & special:
-                        host = entry & L2E_OFFSET_MASK
-                        self._host_check(host, "data cluster")
-                        host += in_cl
-                        if run_len and run_host + run_len == host and run_pos + run_len == pos:
-                            run_len += n
-                        else:
-                            if run_len:
-                                self.f.pread_into(run_host, view[run_pos:run_pos + run_len])
-                            run_host, run_pos, run_len = host, pos, n
-                    elif entry & QCOW_OFLAG_COMPRESSED:
-                        view[pos:pos + n] = self._compressed(entry)[in_cl:in_cl + n]
-                    # unallocated and zero clusters stay zero
+                n = min(cs - (voff & (cs - 1)), length - pos)
+                entry = table[i] if table is not None else 0
+                if entry & L2E_OFFSET_MASK and not entry & special:
+                    host = entry & L2E_OFFSET_MASK
+                    self._host_check(host, "data cluster")
+                    ext = (ClusterType.NORMAL, host + (voff & (cs - 1)), pos, n)
+                elif entry & QCOW_OFLAG_COMPRESSED:
+                    ext = (ClusterType.COMPRESSED, entry, pos, n)
+                elif backing and not entry & (L2E_OFFSET_MASK | special):
+                    ext = (ClusterType.UNALLOCATED, voff, pos, n)
+                else:
                     pos += n
-            if run_len:
-                self.f.pread_into(run_host, view[run_pos:run_pos + run_len])
-        return bytes(out)
+                    continue
+                if plan and ext[0] is not ClusterType.COMPRESSED:
+                    kind, src, p, m = plan[-1]
+                    if kind is ext[0] and src + m == ext[1] and p + m == pos:
+                        plan[-1] = (kind, src, p, m + n)
+                        pos += n
+                        continue
+                plan.append(ext)
+                pos += n
+        return plan
 
     # -- writing ------------------------------------------------------------------
 
@@ -312,7 +356,7 @@ class Image:
                         j += 1
                     first, count = self.alloc.alloc_run(j - l2i)
                     n = min(length - pos, count * cs - in_cl)
-                    self._write_new(first << cb, table, l2i, count, in_cl, view[pos:pos + n])
+                    self._write_new(first << cb, table, l2i, g, count, in_cl, view[pos:pos + n])
                     for k in range(count):
                         old = table[l2i + k]
                         table[l2i + k] = ((first + k) << cb) | QCOW_OFLAG_COPIED
@@ -326,8 +370,8 @@ class Image:
     def _l2_offset(self, l1_index: int) -> int:
         return self.l1[l1_index] & L1E_OFFSET_MASK
 
-    def _write_new(self, host: int, table: array.array, l2i: int, count: int, in_cl: int,
-                   data: memoryview) -> None:
+    def _write_new(self, host: int, table: array.array, l2i: int, guest_cluster: int, count: int,
+                   in_cl: int, data: memoryview) -> None:
         """Write `data` at in_cl into `count` fresh host clusters, filling partial
         head and tail clusters from the guest clusters' old content."""
         cs = self.cluster_size
@@ -337,10 +381,10 @@ class Image:
             return
         buf = bytearray(count * cs)
         if in_cl:
-            buf[:cs] = self.cluster_content(table[l2i])
+            buf[:cs] = self.cluster_content(table[l2i], guest_cluster)
         if end % cs:
             last = (end - 1) // cs
-            buf[last * cs:(last + 1) * cs] = self.cluster_content(table[l2i + last])
+            buf[last * cs:(last + 1) * cs] = self.cluster_content(table[l2i + last], guest_cluster + last)
         buf[in_cl:end] = data
         self.f.pwrite(host, buf)
 
@@ -376,6 +420,8 @@ class Image:
             self.flush()
         finally:
             self.f.close()
+            if self.backing is not None:
+                self.backing.close()
 
     def __enter__(self) -> "Image":
         return self

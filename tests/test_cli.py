@@ -81,13 +81,6 @@ def test_bad_headers(tmp_path, image, offset, fmt, value, fragment):
     assert_refused([str(image), str(tmp_path / "mp")], fragment, image, tmp_path / "mp")
 
 
-def test_backing_file_refused_for_now(tmp_path):
-    base = qemu.create(tmp_path / "base.qcow2", 1 << 20)
-    top = tmp_path / "top.qcow2"
-    qemu.run("qemu-img", "create", "-q", "-f", "qcow2", "-b", str(base), "-F", "qcow2", str(top))
-    assert_refused([str(top), str(tmp_path / "mp")], "backing file", top)
-
-
 def test_corrupt_bit_refuses_rw_allows_ro(tmp_path, image, mount):
     patch(image, 72, ">Q", 1 << 1)
     assert_refused([str(image), str(tmp_path / "mp")], "corrupt", image)

@@ -1,0 +1,95 @@
+"""Backing files: opening the chain below an image (read-only, never modified).
+
+A relative backing name resolves against the directory of the image that
+names it (as QEMU does), not the current directory.  The format comes from
+the backing-format header extension, else from probing the magic.  A chain
+that reaches a file twice is a loop and is refused, as is a missing file.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Protocol
+
+from .errors import FormatError, QcowError, UnsupportedError
+from .locking import lock_image
+from .qcow2.header import MAGIC
+
+MAX_CHAIN_DEPTH = 64
+
+
+class Layer(Protocol):
+    """What an image needs from the layer below it."""
+
+    size: int
+
+    def read(self, offset: int, length: int) -> bytes: ...
+    def close(self) -> None: ...
+
+
+class RawLayer:
+    """A raw file as a backing layer; reads past its end are zeros."""
+
+    def __init__(self, path: str, lock: bool) -> None:
+        self.path = path
+        self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            if lock:
+                lock_image(self.fd, False, path)
+            self.size = os.fstat(self.fd).st_size
+        except BaseException:
+            os.close(self.fd)
+            raise
+
+    def read(self, offset: int, length: int) -> bytes:
+        data = os.pread(self.fd, length, offset) if offset < self.size else b""
+        return data if len(data) == length else data.ljust(length, b"\0")
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def file_identity(path: str) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
+
+
+def resolve(name: str, referrer: str) -> str:
+    if ":" in name.split("/", 1)[0] and not os.path.exists(name):
+        # protocol names such as nbd:..., json:{...}, https://...
+        raise UnsupportedError(f"backing file '{name}' of {referrer} is not a local file")
+    if os.path.isabs(name):
+        return name
+    return os.path.join(os.path.dirname(os.path.abspath(referrer)), name)
+
+
+def probe_format(path: str) -> str:
+    with open(path, "rb") as fh:
+        return "qcow2" if fh.read(4) == MAGIC else "raw"
+
+
+def open_backing(name: str, fmt: str | None, referrer: str, seen: frozenset[tuple[int, int]],
+                 lock: bool) -> Layer:
+    """Open the backing file `name` that image `referrer` names, and its own chain."""
+    from .image import Image  # the chain is made of images: import at call time
+
+    if len(seen) >= MAX_CHAIN_DEPTH:
+        raise FormatError(f"backing chain of {referrer} is deeper than {MAX_CHAIN_DEPTH}")
+    path = resolve(name, referrer)
+    if not os.path.exists(path):
+        raise QcowError(f"backing file not found: {path} (named by {referrer})")
+    key = file_identity(path)
+    if key in seen:
+        raise FormatError(f"backing chain loops: {referrer} names {path}, which is already in the chain")
+    fmt = fmt or probe_format(path)
+    if fmt == "qcow2":
+        try:
+            return Image.open(path, writable=False, lock=lock, _seen=seen | {key})
+        except QcowError as e:
+            msg = str(e)
+            raise type(e)(msg if path in msg or "backing" in msg else f"backing file {path}: {msg}") from None
+    if fmt == "raw":
+        return RawLayer(path, lock)
+    raise UnsupportedError(f"backing file {path} has format '{fmt}'; only qcow2 and raw are supported")
