@@ -17,6 +17,7 @@ EPILOG = """\
 examples:
   qcowfuse disk.qcow2 /mnt/raw            mount the guest disk as the file /mnt/raw
   qcowfuse -o ro disk.qcow2 /mnt/dir      read-only, as /mnt/dir/disk.raw
+  qcowfuse -o snapshot=s1 disk.qcow2 /mnt/s1.raw   an internal snapshot (read-only)
   losetup -f --show /mnt/raw              then use the loop device as a disk
   fusermount3 -u /mnt/raw                 unmount: flushes and closes the image
 
@@ -55,6 +56,8 @@ def parse_mount_options(values: list[str], opts: MountOptions) -> None:
                 opts.direct_io = True
             elif name in ("force-share", "force_share"):
                 opts.force_share = True
+            elif name == "snapshot" and arg:
+                opts.snapshot = arg
             elif name in GENERIC_MOUNT_OPTIONS or name.startswith(("x-", "comment=")):
                 continue
             else:
@@ -72,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stay in the foreground and log to stderr (default: daemonize once mounted)")
     p.add_argument("-o", dest="options", action="append", default=[], metavar="OPT[,OPT...]",
                    help="mount options: ro, rw (default), allow_other, debug (implies -f), "
-                        "direct_io, force-share (with ro: no image locks, like qemu-img -U); "
+                        "direct_io, force-share (with ro: no image locks, like qemu-img -U), "
+                        "snapshot=NAME (an internal snapshot, read-only); "
                         "generic mount(8) options are ignored")
     p.add_argument("--pidfile", metavar="FILE", help="write the daemon's pid here once mounted")
     p.add_argument("-V", "--version", action="version", version=f"qcowfuse {__version__}")

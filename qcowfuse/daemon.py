@@ -35,6 +35,7 @@ class MountOptions:
     debug: bool = False
     direct_io: bool = False
     force_share: bool = False
+    snapshot: str | None = None
     pidfile: str | None = None
     extra_fuse_options: list[str] = field(default_factory=list)
 
@@ -93,9 +94,12 @@ def mount(opts: MountOptions) -> int:
         raise MountError(f"{opts.image}: no such file")
     if not os.path.isfile(image_path):
         raise MountError(f"{opts.image}: not a regular file")
-    if opts.force_share and not opts.read_only:
+    if opts.force_share and not opts.read_only and opts.snapshot is None:
         raise MountError("force-share needs a read-only mount (-o ro,force-share)")
-    image = Image.open(image_path, writable=not opts.read_only, lock=not opts.force_share)
+    if opts.snapshot is not None:
+        opts.read_only = True  # a snapshot is never changed
+    image = Image.open(image_path, writable=not opts.read_only, lock=not opts.force_share,
+                       snapshot=opts.snapshot)
     target = None
     try:
         target = prepare_mountpoint(opts.mountpoint, image_path)

@@ -20,7 +20,7 @@ import logging
 import struct
 import threading
 
-from .errors import CorruptError, QcowError, ReadOnlyError, UnsupportedError
+from .errors import CorruptError, FormatError, QcowError, ReadOnlyError, UnsupportedError
 from .backing import Layer, file_identity, open_backing
 from .hostfile import HostFile
 from .locking import lock_image
@@ -30,6 +30,7 @@ from .qcow2.header import (
     INCOMPAT_CORRUPT, INCOMPAT_DIRTY, INCOMPAT_EXTL2, MAX_CLUSTER_BITS,
     OFF_AUTOCLEAR_FEATURES, OFF_INCOMPATIBLE_FEATURES, Header)
 from .qcow2.refcounts import RefcountStore
+from .qcow2.snapshots import find_snapshot, read_snapshot_table
 from .qcow2.tables import (
     L1E_OFFSET_MASK, L2E_OFFSET_MASK, QCOW_OFLAG_COMPRESSED, QCOW_OFLAG_COPIED, QCOW_OFLAG_ZERO,
     ClusterType, L2Cache, classify, decode_table)
@@ -44,6 +45,7 @@ class Image:
     """A qcow2 image seen as a flat guest disk of `size` bytes."""
 
     def __init__(self, f: HostFile, header: Header, writable: bool, backing: Layer | None = None,
+                 snapshot: str | None = None,
                  l2_cache_bytes: int = DEFAULT_L2_CACHE_BYTES,
                  refcount_cache_bytes: int = DEFAULT_REFCOUNT_CACHE_BYTES) -> None:
         self._refuse_unsupported(header, writable)
@@ -58,7 +60,17 @@ class Image:
         self.l2_bits = header.l2_bits
         self.l2_entries = 1 << self.l2_bits
         self._lock = threading.RLock()
-        raw = f.pread(header.l1_table_offset, header.l1_size * 8) if header.l1_size else b""
+        self.snapshots, self.snapshot_table_bytes = read_snapshot_table(f, header)
+        l1_offset, l1_size = header.l1_table_offset, header.l1_size
+        if snapshot is not None:
+            if writable:
+                raise UnsupportedError("snapshots can only be opened read-only")
+            snap = find_snapshot(self.snapshots, snapshot)
+            l1_offset, l1_size = snap.l1_table_offset, snap.l1_size
+            self.size = snap.disk_size if snap.disk_size is not None else header.size
+            if -(-self.size // (self.cluster_size << self.l2_bits)) > l1_size:
+                raise FormatError(f"snapshot '{snapshot}' has an L1 table too small for its size")
+        raw = f.pread(l1_offset, l1_size * 8) if l1_size else b""
         self.l1: array.array = decode_table(raw)
         self.l1_dirty: set[int] = set()
         self.l2 = L2Cache(f, self.cluster_size, l2_cache_bytes)
