@@ -7,6 +7,7 @@ code; tracebacks are for bugs only.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 from . import __version__
@@ -14,6 +15,10 @@ from .daemon import MountOptions, mount
 from .errors import QcowError
 
 EPILOG = """\
+other commands:
+  qcowfuse info IMAGE [--output=json]                 describe an image
+  qcowfuse check IMAGE [-r leaks|all] [--output=json]  recount refcounts, repair
+
 examples:
   qcowfuse disk.qcow2 /mnt/raw            mount the guest disk as the file /mnt/raw
   qcowfuse -o ro disk.qcow2 /mnt/dir      read-only, as /mnt/dir/disk.raw
@@ -58,7 +63,7 @@ def parse_mount_options(values: list[str], opts: MountOptions) -> None:
                 opts.force_share = True
             elif name == "snapshot" and arg:
                 opts.snapshot = arg
-            elif name in GENERIC_MOUNT_OPTIONS or name.startswith(("x-", "comment=")):
+            elif name in GENERIC_MOUNT_OPTIONS or name.startswith("x-") or name == "comment":
                 continue
             else:
                 raise UsageError(f"unknown mount option '{item}'")
@@ -83,7 +88,103 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _human(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.4g} {unit}" if unit != "B" else f"{n} B"
+        n /= 1024
+    return str(n)
+
+
+def info_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="qcowfuse info", description="Describe a qcow2 image.")
+    p.add_argument("image")
+    p.add_argument("--output", choices=("human", "json"), default="human")
+    args = p.parse_args(argv)
+    from .info import image_info
+    try:
+        info = image_info(args.image)
+    except QcowError as e:
+        print(f"qcowfuse: {e}", file=sys.stderr)
+        return 1
+    if args.output == "json":
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"image: {info['filename']}")
+    print(f"format: qcow2 version {info['version']} (compat {info['compat']})")
+    print(f"virtual size: {_human(info['virtual-size'])} ({info['virtual-size']} bytes)")
+    print(f"cluster size: {info['cluster-size']}, refcount bits: {info['refcount-bits']}, "
+          f"compression: {info['compression-type']}")
+    print(f"host file size: {_human(info['host-file-size'])}, disk usage: {_human(info['disk-usage'])}, "
+          f"allocated: {_human(info['allocated-bytes'])}")
+    for i, layer in enumerate(info["backing-chain"]):
+        print(f"backing file {i + 1}: {layer['filename']} ({layer['format']})")
+    for s in info["snapshots"]:
+        print(f"snapshot {s['id']}: {s['name']} disk {_human(s['disk-size'])} "
+              f"vm state {_human(s['vm-state-size'])} {s['date']}")
+    for kind, names in info["features"].items():
+        if names:
+            print(f"{kind} features: {', '.join(names)}")
+    print(f"dirty: {'yes' if info['dirty'] else 'no'}, corrupt: {'yes' if info['corrupt'] else 'no'}")
+    return 0
+
+
+def check_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(
+        prog="qcowfuse check",
+        description="Recount every reference and compare with the stored refcounts "
+                    "(exit 0 clean, 1 could not check, 2 corruption, 3 leaks only).")
+    p.add_argument("image")
+    p.add_argument("-r", "--repair", choices=("leaks", "all"),
+                   help="leaks: lower over-counts; all: also raise under-counts (rebuilding the "
+                        "refcount structures) and fix COPIED flags")
+    p.add_argument("--output", choices=("human", "json"), default="human")
+    args = p.parse_args(argv)
+    from .image import Image
+    from .qcow2.check import Checker, TerminalProgress
+    progress = TerminalProgress(sys.stderr) if sys.stderr.isatty() else None
+    try:
+        img = Image.open(args.image, writable=args.repair is not None, repair=True)
+        try:
+            report = Checker(img, progress).run(args.repair)
+        finally:
+            if progress:
+                progress.done()
+            img.close()
+    except QcowError as e:
+        print(f"qcowfuse: {e}", file=sys.stderr)
+        return 1
+    if args.output == "json":
+        print(json.dumps(report.to_json(), indent=4))
+        return report.exit_code
+    for line in report.messages:
+        print(line, file=sys.stderr if args.output == "json" else sys.stdout)
+    if report.corruptions:
+        print(f"\n{report.corruptions} errors were found on the image.")
+    if report.leaks:
+        print(f"\n{report.leaks} leaked clusters were found on the image.")
+    if report.leaks_fixed or report.corruptions_fixed:
+        print(f"The following inconsistencies were found and repaired:\n\n"
+              f"    {report.leaks_fixed} leaked clusters\n    {report.corruptions_fixed} corruptions")
+    if not (report.corruptions or report.leaks or report.check_errors):
+        print("No errors were found on the image.")
+    print(f"{report.allocated_clusters}/{report.total_clusters} = "
+          f"{100 * report.allocated_clusters / max(1, report.total_clusters):.2f}% allocated, "
+          f"{100 * report.fragmented_clusters / max(1, report.allocated_clusters):.2f}% fragmented, "
+          f"{100 * report.compressed_clusters / max(1, report.allocated_clusters):.2f}% compressed clusters")
+    print(f"Image end offset: {report.image_end_offset}")
+    return report.exit_code
+
+
+SUBCOMMANDS = {"info": info_main, "check": check_main}
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in SUBCOMMANDS:
+        return SUBCOMMANDS[argv[0]](argv[1:])
+    if argv and argv[0] == "mount":
+        argv = argv[1:]
     args = build_parser().parse_args(argv)
     opts = MountOptions(image=args.image, mountpoint=args.mountpoint,
                         foreground=args.foreground, pidfile=args.pidfile)

@@ -45,10 +45,10 @@ class Image:
     """A qcow2 image seen as a flat guest disk of `size` bytes."""
 
     def __init__(self, f: HostFile, header: Header, writable: bool, backing: Layer | None = None,
-                 snapshot: str | None = None,
+                 snapshot: str | None = None, repair: bool = False,
                  l2_cache_bytes: int = DEFAULT_L2_CACHE_BYTES,
                  refcount_cache_bytes: int = DEFAULT_REFCOUNT_CACHE_BYTES) -> None:
-        self._refuse_unsupported(header, writable)
+        self._refuse_unsupported(header, writable and not repair)
         self.f = f
         self.header = header
         self.writable = writable
@@ -442,6 +442,16 @@ class Image:
         self.close()
 
     # -- marking the image corrupt (QEMU's qcow2_signal_corruption) -------------------
+
+    def mark_clean(self) -> None:
+        """Clear the dirty and corrupt bits (after a successful repair)."""
+        bits = INCOMPAT_DIRTY | INCOMPAT_CORRUPT
+        if not self.writable or not self.header.incompatible_features & bits:
+            return
+        self.flush()
+        self.header.incompatible_features &= ~bits
+        self.f.pwrite(OFF_INCOMPATIBLE_FEATURES, struct.pack(">Q", self.header.incompatible_features))
+        self.f.sync()
 
     def mark_corrupt(self, reason: str) -> None:
         if not self.writable or self.version < 3:

@@ -42,6 +42,22 @@ class RefcountView:
         assert len(data) == length, f"read past the end of the image at {offset:#x}"
         return data
 
+    def set_refcount(self, cluster: int, value: int) -> None:
+        """Damage an image on purpose: overwrite one stored refcount."""
+        block, index = divmod(cluster, self.per_block)
+        base = self.table[block]
+        assert base, f"no refcount block covers cluster {cluster}"
+        bit = index * self.bits
+        with open(self.fh.name, "r+b") as out:
+            if self.bits >= 8:
+                out.seek(base + bit // 8)
+                out.write(value.to_bytes(self.bits // 8, "big"))
+            else:
+                byte = self._read(base + bit // 8, 1)[0]
+                mask = ((1 << self.bits) - 1) << (bit % 8)
+                out.seek(base + bit // 8)
+                out.write(bytes([(byte & ~mask) | (value << (bit % 8))]))
+
     def refblock_clusters(self) -> list[int]:
         return [off >> self.cluster_bits for off in self.table if off]
 

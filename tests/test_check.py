@@ -1,0 +1,167 @@
+"""`qcowfuse check` / `info` against `qemu-img check` / `info`, and healing vmd's damage."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+import qemu
+from conftest import run_cli
+from rawqcow2 import RefcountView
+
+MiB = 1 << 20
+
+
+def qcowfuse_check(img: Path, *args: str) -> tuple[int, dict]:
+    r = run_cli("check", "--output=json", *args, str(img))
+    assert "Traceback" not in r.stderr, r.stderr
+    return r.returncode, json.loads(r.stdout)
+
+
+def qemu_error_clusters(img: Path) -> set[int]:
+    r = subprocess.run(["qemu-img", "check", str(img)], capture_output=True, text=True)
+    return {int(n) for n in re.findall(r"ERROR cluster (\d+) refcount=0 reference=1", r.stdout + r.stderr)}
+
+
+def assert_same_counts(img: Path) -> dict:
+    ours_rc, ours = qcowfuse_check(img)
+    theirs = qemu.check(img)
+    keys = ("corruptions", "leaks", "check-errors", "allocated-clusters", "total-clusters",
+            "fragmented-clusters", "compressed-clusters", "image-end-offset")
+    assert {k: ours.get(k, 0) for k in keys} == {k: theirs.get(k, 0) for k in keys}
+    assert ours_rc == theirs["rc"]
+    return ours
+
+
+def vmd_damaged(path: Path, data_mib: int = 40) -> list[int]:
+    """An image QEMU wrote whose file crosses several refcount-block boundaries (4 KiB
+    clusters: one block covers 8 MiB of file), with the refcount of every block after
+    the first zeroed: what OpenBSD vmd's writer left behind.  Returns those clusters."""
+    qemu.create(path, 64 * MiB, cluster_size=4096)
+    cmds = [f"write -P {i % 200 + 1} {i * MiB} 1M" for i in range(data_mib)]
+    qemu.qemu_io(path, *cmds)
+    view = RefcountView(path)
+    damaged = view.refblock_clusters()[1:]
+    assert len(damaged) >= 4
+    for c in damaged:
+        view.set_refcount(c, 0)
+    return damaged
+
+
+def verify_patterns(path: Path, data_mib: int = 40) -> None:
+    qemu.qemu_io(path, *[f"read -P {i % 200 + 1} {i * MiB} 1M" for i in range(data_mib)], read_only=True)
+
+
+def test_vmd_damage_found_like_qemu_and_repaired(tmp_path):
+    img = tmp_path / "vmd.qcow2"
+    damaged = vmd_damaged(img)
+    assert qemu_error_clusters(img) == set(damaged)
+    r = run_cli("check", str(img))
+    assert r.returncode == 2
+    ours = {int(n) for n in re.findall(r"ERROR cluster (\d+) refcount=0 reference=1", r.stdout)}
+    assert ours == set(damaged)
+    assert_same_counts(img)
+    rc, report = qcowfuse_check(img, "--repair", "all")
+    assert rc == 0 and report.get("corruptions-fixed", 0) == len(damaged)
+    qemu.assert_clean(img)
+    verify_patterns(img)
+
+
+def test_rw_mount_heals_vmd_damage_before_allocating(tmp_path, mount):
+    img = tmp_path / "vmd.qcow2"
+    vmd_damaged(img)
+    with mount(img, tmp_path / "raw") as (raw, _):
+        with open(raw, "r+b") as fh:  # new data: allocations must not land on the blocks
+            fh.seek(40 * MiB)
+            fh.write(b"\xab" * (20 * MiB))
+    qemu.assert_clean(img)
+    verify_patterns(img)
+    qemu.qemu_io(img, "read -P 0xab 40M 20M", read_only=True)
+
+
+def test_leaks_repaired(tmp_path):
+    img = qemu.create(tmp_path / "leaky.qcow2", 16 * MiB)
+    qemu.qemu_io(img, "write -P 0x12 0 4M")
+    os.truncate(img, 8 * MiB)  # a killed writer leaves counted clusters that nothing uses
+    view = RefcountView(img)
+    for c in (100, 101):
+        view.set_refcount(c, 1)
+    assert qemu.check(img)["rc"] == 3
+    ours = assert_same_counts(img)
+    assert ours["leaks"] == 2
+    rc, report = qcowfuse_check(img, "--repair", "leaks")
+    assert rc == 0 and report.get("leaks-fixed") == 2
+    qemu.assert_clean(img)
+    qemu.qemu_io(img, "read -P 0x12 0 4M", read_only=True)
+
+
+@pytest.mark.parametrize("cs,rb,compat", [(512, 1, "1.1"), (4096, 64, "1.1"), (65536, 16, "0.10"),
+                                          (2 << 20, 8, "1.1")])
+def test_counts_agree_with_qemu_on_clean_images(tmp_path, cs, rb, compat):
+    img = qemu.create(tmp_path / "t.qcow2", 64 * MiB, cs, rb, compat)
+    qemu.qemu_io(img, "write -P 1 0 3M", "write -P 2 10M 1M", "write -P 3 40M 5M")
+    if rb >= 2:
+        qemu.run("qemu-img", "snapshot", "-c", "s", str(img))
+        qemu.qemu_io(img, "write -P 4 1M 1M")
+    assert assert_same_counts(img).get("corruptions", 0) == 0
+
+
+def test_counts_agree_on_compressed_image(tmp_path):
+    src = tmp_path / "src.raw"
+    src.write_bytes(b"".join(bytes([i]) * 65536 for i in range(200)))
+    img = tmp_path / "c.qcow2"
+    qemu.run("qemu-img", "convert", "-c", "-O", "qcow2", str(src), str(img))
+    assert assert_same_counts(img)["compressed-clusters"] > 100
+
+
+def test_copied_flag_errors_repaired(tmp_path):
+    img = qemu.create(tmp_path / "t.qcow2", 8 * MiB)
+    qemu.qemu_io(img, "write -P 5 0 1M")
+    data = bytearray(img.read_bytes())
+    l1_off = int.from_bytes(data[40:48], "big")
+    l2_off = int.from_bytes(data[l1_off:l1_off + 8], "big") & 0x00FFFFFFFFFFFE00
+    data[l2_off] &= 0x7F  # drop COPIED from the first data cluster's L2 entry
+    img.write_bytes(data)
+    assert qemu.check(img)["rc"] == 2
+    rc, report = qcowfuse_check(img)
+    assert rc == 2 and report["corruptions"] == 1
+    rc, report = qcowfuse_check(img, "-r", "all")
+    assert rc == 0 and report["corruptions-fixed"] == 1
+    qemu.assert_clean(img)
+
+
+def test_info_matches_qemu(tmp_path):
+    base = qemu.create(tmp_path / "base.qcow2", 8 * MiB)
+    top = tmp_path / "top.qcow2"
+    qemu.run("qemu-img", "create", "-q", "-f", "qcow2", "-o", "lazy_refcounts=on", "-b", "base.qcow2",
+             "-F", "qcow2", str(top))
+    qemu.qemu_io(top, "write -P 1 0 1M")
+    qemu.run("qemu-img", "snapshot", "-c", "snap1", str(top))
+    r = run_cli("info", "--output=json", str(top))
+    assert r.returncode == 0, r.stderr
+    ours = json.loads(r.stdout)
+    theirs = json.loads(qemu.run("qemu-img", "info", "--output=json", str(top)).stdout)
+    assert ours["virtual-size"] == theirs["virtual-size"]
+    assert ours["cluster-size"] == theirs["cluster-size"]
+    assert ours["backing-file"] == theirs["backing-filename"] == "base.qcow2"
+    assert ours["backing-chain"][0]["filename"] == str(base)
+    assert [s["name"] for s in ours["snapshots"]] == [s["name"] for s in theirs["snapshots"]]
+    assert "lazy refcounts" in ours["features"]["compatible"]
+    assert ours["allocated-bytes"] == 1 * MiB and not ours["dirty"] and not ours["corrupt"]
+    human = run_cli("info", str(top))
+    assert human.returncode == 0 and "backing file 1:" in human.stdout
+
+
+def test_check_of_missing_or_bad_image_exits_1(tmp_path):
+    r = run_cli("check", str(tmp_path / "nope.qcow2"))
+    assert r.returncode == 1 and r.stderr.startswith("qcowfuse: ")
+    f = tmp_path / "junk"
+    f.write_bytes(b"junk" * 100)
+    r = run_cli("check", str(f))
+    assert r.returncode == 1 and "not a qcow2 image" in r.stderr
