@@ -9,6 +9,7 @@ or prints the daemon's error and exits non-zero.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import logging.handlers
 import os
@@ -87,8 +88,22 @@ def prepare_mountpoint(mountpoint: str, image_path: str) -> MountTarget:
     raise MountError(f"{mountpoint}: not a regular file or directory")
 
 
+def check_allow_other(opts: MountOptions) -> None:
+    """fusermount3 refuses allow_other for non-root users unless /etc/fuse.conf allows it."""
+    if not opts.allow_other or os.geteuid() == 0:
+        return
+    try:
+        with open("/etc/fuse.conf", encoding="utf-8", errors="replace") as fh:
+            if any(line.strip() == "user_allow_other" for line in fh):
+                return
+    except OSError:
+        return  # unreadable here: let fusermount3 decide
+    raise MountError("-o allow_other: non-root users need a line 'user_allow_other' in /etc/fuse.conf")
+
+
 def mount(opts: MountOptions) -> int:
     """Open the image, prepare the mount point, then serve (foreground) or daemonize."""
+    check_allow_other(opts)
     image_path = os.path.abspath(opts.image)
     if not os.path.exists(image_path):
         raise MountError(f"{opts.image}: no such file")
@@ -178,6 +193,23 @@ def _setup_logging(opts: MountOptions, detached: bool) -> None:
     root.handlers[:] = [handler]
 
 
+@contextlib.contextmanager
+def _fd2_into(lines: list[str]):
+    """Collect what is written to fd 2 meanwhile (a detached daemon's fd 2 is /dev/null)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    buf = os.memfd_create("qcowfuse-stderr")
+    os.dup2(buf, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        text = os.pread(buf, 65536, 0).decode("utf-8", "replace")
+        os.close(buf)
+        lines.extend(line.strip() for line in text.splitlines() if line.strip())
+
+
 def serve(image: Image, opts: MountOptions, target: MountTarget, ready_fd: int | None) -> int:
     """Mount and run the FUSE loop until unmounted or signalled; flush and close the image."""
     import pyfuse3  # imported only here: after the fork, never before
@@ -195,11 +227,16 @@ def serve(image: Image, opts: MountOptions, target: MountTarget, ready_fd: int |
     if opts.debug:
         fuse_options.add("debug")
     fuse_options.update(opts.extra_fuse_options)
+    said: list[str] = []
     try:
-        pyfuse3.init(ops, target.path, fuse_options)
+        with _fd2_into(said):  # libfuse and fusermount3 explain failures only on fd 2
+            pyfuse3.init(ops, target.path, fuse_options)
     except RuntimeError as e:
         image.close()
-        raise MountError(f"{target.path}: mount failed ({e})") from None
+        reason = said[-1] if said else str(e)
+        raise MountError(f"{target.path}: mount failed: {reason}") from None
+    for line in said:
+        log.warning("%s", line)
 
     async def run() -> None:
         async with trio.open_nursery() as nursery:
