@@ -18,6 +18,7 @@ EPILOG = """\
 other commands:
   qcowfuse info IMAGE [--output=json]                 describe an image
   qcowfuse check IMAGE [-r leaks|all] [--output=json]  recount refcounts, repair
+  qcowfuse map IMAGE [--output=json]                  allocated / zero / unallocated extents
 
 examples:
   qcowfuse disk.qcow2 /mnt/raw            mount the guest disk as the file /mnt/raw
@@ -63,6 +64,8 @@ def parse_mount_options(values: list[str], opts: MountOptions) -> None:
                 opts.force_share = True
             elif name == "snapshot" and arg:
                 opts.snapshot = arg
+            elif name in ("detect-zeroes", "detect_zeroes") and arg in ("off", "on", "unmap"):
+                opts.detect_zeroes = arg
             elif name in GENERIC_MOUNT_OPTIONS or name.startswith("x-") or name == "comment":
                 continue
             else:
@@ -81,7 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", dest="options", action="append", default=[], metavar="OPT[,OPT...]",
                    help="mount options: ro, rw (default), allow_other, debug (implies -f), "
                         "direct_io, force-share (with ro: no image locks, like qemu-img -U), "
-                        "snapshot=NAME (an internal snapshot, read-only); "
+                        "snapshot=NAME (an internal snapshot, read-only), "
+                        "detect-zeroes=off|on|unmap (whole zero clusters become zero clusters; "
+                        "unmap also frees their space); "
                         "generic mount(8) options are ignored")
     p.add_argument("--pidfile", metavar="FILE", help="write the daemon's pid here once mounted")
     p.add_argument("-V", "--version", action="version", version=f"qcowfuse {__version__}")
@@ -176,7 +181,36 @@ def check_main(argv: list[str]) -> int:
     return report.exit_code
 
 
-SUBCOMMANDS = {"info": info_main, "check": check_main}
+def map_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="qcowfuse map",
+                                description="Show where the guest disk's data is (like qemu-img map).")
+    p.add_argument("image")
+    p.add_argument("--output", choices=("human", "json"), default="human")
+    args = p.parse_args(argv)
+    from .image import Image
+    from .mapping import image_map
+    try:
+        with Image.open(args.image, writable=False, lock=False) as img:
+            extents = image_map(img)
+            names = []
+            layer = img
+            while layer is not None:
+                names.append(getattr(layer, "path", None) or layer.f.path)
+                layer = getattr(layer, "backing", None)
+    except QcowError as e:
+        print(f"qcowfuse: {e}", file=sys.stderr)
+        return 1
+    if args.output == "json":
+        print("[" + ",\n".join(json.dumps(e.to_json()) for e in extents) + "]")
+        return 0
+    print(f"{'Offset':<16}{'Length':<16}{'Mapped to':<16}File")
+    for e in extents:
+        if e.data and e.offset is not None:
+            print(f"{e.start:<#16x}{e.length:<#16x}{e.offset:<#16x}{names[e.depth]}")
+    return 0
+
+
+SUBCOMMANDS = {"info": info_main, "check": check_main, "map": map_main}
 
 
 def main(argv: list[str] | None = None) -> int:

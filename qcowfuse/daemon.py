@@ -37,6 +37,7 @@ class MountOptions:
     direct_io: bool = False
     force_share: bool = False
     snapshot: str | None = None
+    detect_zeroes: str = "off"
     pidfile: str | None = None
     extra_fuse_options: list[str] = field(default_factory=list)
 
@@ -114,7 +115,7 @@ def mount(opts: MountOptions) -> int:
     if opts.snapshot is not None:
         opts.read_only = True  # a snapshot is never changed
     image = Image.open(image_path, writable=not opts.read_only, lock=not opts.force_share,
-                       snapshot=opts.snapshot)
+                       snapshot=opts.snapshot, detect_zeroes=opts.detect_zeroes)
     target = None
     try:
         target = prepare_mountpoint(opts.mountpoint, image_path)

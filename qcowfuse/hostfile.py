@@ -6,9 +6,16 @@ every write and sync (power-loss simulation) without touching the engine.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
 
 from .errors import CorruptError
+
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
 
 
 class HostFile:
@@ -48,6 +55,15 @@ class HostFile:
             n = os.pwrite(self.fd, view, offset)
             view = view[n:]
             offset += n
+
+    def punch_hole(self, offset: int, length: int) -> None:
+        """Give the space back to the host filesystem (best effort; size unchanged)."""
+        try:
+            if _libc.fallocate(self.fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE,
+                               ctypes.c_long(offset), ctypes.c_long(length)) != 0:
+                pass  # not supported here: the cluster is free all the same
+        except AttributeError:
+            pass
 
     def sync(self) -> None:
         os.fdatasync(self.fd)

@@ -38,6 +38,9 @@ from .qcow2.tables import (
 log = logging.getLogger("qcowfuse")
 
 DEFAULT_L2_CACHE_BYTES = 32 << 20
+# QEMU's detect-zeroes: off; on (whole zero clusters become zero clusters, keeping their
+# host cluster); unmap (zero clusters, host cluster freed and its space punched out).
+DETECT_ZEROES_MODES = ("off", "on", "unmap")
 DEFAULT_REFCOUNT_CACHE_BYTES = 8 << 20
 
 
@@ -45,7 +48,7 @@ class Image:
     """A qcow2 image seen as a flat guest disk of `size` bytes."""
 
     def __init__(self, f: HostFile, header: Header, writable: bool, backing: Layer | None = None,
-                 snapshot: str | None = None, repair: bool = False,
+                 snapshot: str | None = None, repair: bool = False, detect_zeroes: str = "off",
                  l2_cache_bytes: int = DEFAULT_L2_CACHE_BYTES,
                  refcount_cache_bytes: int = DEFAULT_REFCOUNT_CACHE_BYTES) -> None:
         self._refuse_unsupported(header, writable and not repair)
@@ -77,6 +80,10 @@ class Image:
         self.rc = RefcountStore(f, header, refcount_cache_bytes)
         self.alloc = Allocator(self.rc)
         self._prepared = False
+        if detect_zeroes not in DETECT_ZEROES_MODES:
+            raise ValueError(f"detect_zeroes must be one of {DETECT_ZEROES_MODES}")
+        self.detect_zeroes = detect_zeroes
+        self._zero_cluster = bytes(self.cluster_size) if detect_zeroes != "off" else b""
         self._compressed_cache: tuple[int, bytes] | None = None
 
     # -- opening --------------------------------------------------------------
@@ -348,6 +355,12 @@ class Image:
                 l1i, l2i = g >> self.l2_bits, g & (self.l2_entries - 1)
                 table = self._l2_for_write(l1i)
                 stop = min(self.l2_entries, l2i + ((offset + length - 1) >> cb) - g + 1)
+                if self._zero_cluster:
+                    if in_cl == 0 and length - pos >= cs and view[pos:pos + cs] == self._zero_cluster \
+                            and self._write_zero_cluster(table, l1i, l2i):
+                        pos += cs
+                        continue
+                    stop = l2i + 1  # look at every cluster on its own
                 entry = table[l2i]
                 if self._in_place(entry):
                     host = entry & L2E_OFFSET_MASK
@@ -378,6 +391,27 @@ class Image:
             if self.l2.over_budget:
                 self.flush()
         return length
+
+    def _write_zero_cluster(self, table: array.array, l1i: int, l2i: int) -> bool:
+        """A whole cluster of zeros with detect-zeroes: a zero cluster instead of data.
+        False when the format can't say "zeros" here (v2 over a backing file)."""
+        old = table[l2i]
+        kind = classify(old, self.version)
+        if self.version < 3:
+            if self.backing is not None or self.detect_zeroes != "unmap":
+                return False
+            new = 0  # v2 without backing file: unallocated reads as zeros
+        elif self.detect_zeroes == "on" and kind in (ClusterType.NORMAL, ClusterType.ZERO_ALLOC) \
+                and self._in_place(old):
+            new = (old & L2E_OFFSET_MASK) | QCOW_OFLAG_ZERO | QCOW_OFLAG_COPIED  # keep the allocation
+        else:
+            new = QCOW_OFLAG_ZERO
+        if new != old:
+            table[l2i] = new
+            if not new & L2E_OFFSET_MASK:
+                self._release(old)
+            self.l2.mark_dirty(self._l2_offset(l1i))
+        return True
 
     def _l2_offset(self, l1_index: int) -> int:
         return self.l1[l1_index] & L1E_OFFSET_MASK
@@ -420,8 +454,11 @@ class Image:
                 self.l1_dirty.clear()
                 f.sync()
             if self.alloc.pending_free:
-                self.alloc.release_pending()  # references are gone from disk now
+                freed = self.alloc.release_pending()  # references are gone from disk now
                 self.rc.flush()
+                if self.detect_zeroes == "unmap":
+                    for c in freed:  # nothing can reuse them before this returns
+                        f.punch_hole(c << self.cluster_bits, self.cluster_size)
             if f.unsynced:
                 f.sync()
 

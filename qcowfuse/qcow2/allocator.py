@@ -47,8 +47,8 @@ class Allocator:
     def free_later(self, cluster: int) -> None:
         self.pending_free.append(cluster)
 
-    def release_pending(self) -> None:
-        """Drop the refcounts of references that are gone from disk."""
+    def release_pending(self) -> list[int]:
+        """Drop the refcounts of references that are gone from disk; returns the
+        clusters that became free."""
         pending, self.pending_free = self.pending_free, []
-        for c in pending:
-            self.rc.add(c, -1)
+        return [c for c in pending if self.rc.add(c, -1) == 0]
