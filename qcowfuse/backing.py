@@ -73,13 +73,25 @@ def probe_format(path: str) -> str:
 def open_backing(name: str, fmt: str | None, referrer: str, seen: frozenset[tuple[int, int]],
                  lock: bool) -> Layer:
     """Open the backing file `name` that image `referrer` names, and its own chain."""
-    from .image import Image  # the chain is made of images: import at call time
-
     if len(seen) >= MAX_CHAIN_DEPTH:
         raise FormatError(f"backing chain of {referrer} is deeper than {MAX_CHAIN_DEPTH}")
+    if not name:
+        raise FormatError(f"{referrer} names an empty backing file")
     path = resolve(name, referrer)
     if not os.path.exists(path):
         raise QcowError(f"backing file not found: {path} (named by {referrer})")
+    if not os.path.isfile(path):
+        raise QcowError(f"backing file {path} (named by {referrer}) is not a regular file")
+    try:
+        return _open_layer(path, fmt, referrer, seen, lock)
+    except OSError as e:
+        raise QcowError(f"backing file {path}: {e.strerror}") from None
+
+
+def _open_layer(path: str, fmt: str | None, referrer: str, seen: frozenset[tuple[int, int]],
+                lock: bool) -> Layer:
+    from .image import Image
+
     key = file_identity(path)
     if key in seen:
         raise FormatError(f"backing chain loops: {referrer} names {path}, which is already in the chain")

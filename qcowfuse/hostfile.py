@@ -18,11 +18,21 @@ _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
 
 
+# Offsets a file can have (off_t); table entries from a hostile image may say more.
+MAX_FILE_OFFSET = (1 << 62) - 1
+
+
+def _check_range(offset: int, length: int) -> None:
+    if offset < 0 or offset + length > MAX_FILE_OFFSET:
+        raise CorruptError(f"offset {offset:#x} is outside any possible image file")
+
+
 class HostFile:
     def __init__(self, fd: int, path: str = "") -> None:
         self.fd = fd
         self.path = path
         self.unsynced = False  # a write happened since the last sync
+        self._end = -1  # file size as of our own last write (-1: not known yet)
 
     @classmethod
     def open(cls, path: str, writable: bool) -> "HostFile":
@@ -32,8 +42,15 @@ class HostFile:
     def size(self) -> int:
         return os.fstat(self.fd).st_size
 
+    def end(self) -> int:
+        """The file size without a syscall per call (we are its only writer)."""
+        if self._end < 0:
+            self._end = self.size()
+        return self._end
+
     def pread(self, offset: int, length: int) -> bytes:
         """Read exactly `length` bytes; a short read means metadata points past EOF."""
+        _check_range(offset, length)
         data = os.pread(self.fd, length, offset)
         if len(data) != length:
             raise CorruptError(f"read of {length} bytes at {offset:#x} runs past the end of the image file")
@@ -41,16 +58,21 @@ class HostFile:
 
     def pread_upto(self, offset: int, length: int) -> bytes:
         """Read up to `length` bytes; shorter only at the end of the file."""
+        _check_range(offset, length)
         return os.pread(self.fd, length, offset)
 
     def pread_into(self, offset: int, buf: memoryview) -> None:
+        _check_range(offset, len(buf))
         n = os.preadv(self.fd, [buf], offset)
         if n != len(buf):
             raise CorruptError(f"read of {len(buf)} bytes at {offset:#x} runs past the end of the image file")
 
     def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         view = memoryview(data)
+        _check_range(offset, len(view))
         self.unsynced = True
+        if self._end >= 0:
+            self._end = max(self._end, offset + len(view))
         while view:
             n = os.pwrite(self.fd, view, offset)
             view = view[n:]

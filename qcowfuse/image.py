@@ -80,6 +80,10 @@ class Image:
         self.rc = RefcountStore(f, header, refcount_cache_bytes)
         self.alloc = Allocator(self.rc)
         self._prepared = False
+        self._corrupt = False
+        self._l1_generation = 0
+        self._meta_key: tuple[int, int, int] | None = None
+        self._meta: frozenset[int] = frozenset()
         if detect_zeroes not in DETECT_ZEROES_MODES:
             raise ValueError(f"detect_zeroes must be one of {DETECT_ZEROES_MODES}")
         self.detect_zeroes = detect_zeroes
@@ -277,13 +281,40 @@ class Image:
             first = h.l1_table_offset >> cb
             out += [("L1 table", first + i) for i in range(-(-h.l1_size * 8 // cs))]
         out += [("L2 table", (e & L1E_OFFSET_MASK) >> cb) for e in self.l1 if e & L1E_OFFSET_MASK]
+        if self.snapshot_table_bytes:
+            first = h.snapshots_offset >> cb
+            out += [("snapshot table", first + i) for i in range(-(-self.snapshot_table_bytes // cs))]
+        for snap in self.snapshots:
+            first = snap.l1_table_offset >> cb
+            out += [("snapshot L1 table", first + i) for i in range(-(-snap.l1_size * 8 // cs))]
         return out
+
+    def _metadata_set(self) -> frozenset[int]:
+        """Host clusters that guest data must never be written to (QEMU's overlap check),
+        rebuilt only when the metadata layout changed."""
+        key = (self.rc.generation, self.header.refcount_table_offset, self._l1_generation)
+        if self._meta_key != key:
+            self._meta = frozenset(c for _, c in self.metadata_clusters())
+            self._meta_key = key
+        return self._meta
+
+    def _check_data_target(self, first: int, count: int) -> None:
+        """Refuse guest data headed for metadata or for a cluster past the end of the file."""
+        meta = self._metadata_set()
+        for c in range(first, first + count):
+            if c in meta:
+                raise CorruptError(f"data cluster {c} overlaps metadata; refusing to overwrite it")
+        if (first + count) << self.cluster_bits > self.f.end():
+            raise CorruptError(f"data cluster {first + count - 1} lies past the end of the image file")
 
     def _check_metadata_refcounts(self) -> None:
         """Metadata with refcount 0 (OpenBSD vmd's bug) would be handed out as free space
         and overwritten; count each such cluster once, which is what it should have had."""
         healed = []
+        end = self.f.end()
         for what, c in self.metadata_clusters():
+            if c and c << self.cluster_bits >= end:
+                raise CorruptError(f"{what} at cluster {c} lies past the end of the image file")
             if self.rc.get(c) == 0:
                 if self.rc._block(c // self.rc.entries_per_block) is None:
                     raise UnsupportedError(
@@ -312,9 +343,11 @@ class Image:
         else:
             table = array.array("Q", bytes(self.cluster_size))
         new = self.alloc.alloc() << self.cluster_bits
+        self._check_fresh(new >> self.cluster_bits, 1)
         self.l2.install(new, table)
         self.l1[l1_index] = new | QCOW_OFLAG_COPIED
         self.l1_dirty.add(l1_index)
+        self._l1_generation += 1
         if off:
             self.alloc.free_later(off >> self.cluster_bits)
         return table
@@ -346,51 +379,64 @@ class Image:
             raise ValueError(f"write of {length} bytes at {offset} is beyond the virtual size {self.size}")
         cb, cs = self.cluster_bits, self.cluster_size
         with self._lock:
-            self._prepare_for_write()
-            pos = 0
-            while pos < length:
-                voff = offset + pos
-                g = voff >> cb
-                in_cl = voff & (cs - 1)
-                l1i, l2i = g >> self.l2_bits, g & (self.l2_entries - 1)
-                table = self._l2_for_write(l1i)
-                stop = min(self.l2_entries, l2i + ((offset + length - 1) >> cb) - g + 1)
-                if self._zero_cluster:
-                    if in_cl == 0 and length - pos >= cs and view[pos:pos + cs] == self._zero_cluster \
-                            and self._write_zero_cluster(table, l1i, l2i):
-                        pos += cs
-                        continue
-                    stop = l2i + 1  # look at every cluster on its own
-                entry = table[l2i]
-                if self._in_place(entry):
-                    host = entry & L2E_OFFSET_MASK
-                    self._host_check(host, "data cluster")
-                    j = l2i + 1
-                    while j < stop and (table[j] & L2E_OFFSET_MASK) == host + (j - l2i) * cs \
-                            and self._in_place(table[j]):
-                        j += 1
-                    for i in range(l2i, j):
-                        if not table[i] & QCOW_OFLAG_COPIED:
-                            table[i] |= QCOW_OFLAG_COPIED
-                            self.l2.mark_dirty(self._l2_offset(l1i))
-                    n = min(length - pos, (j - l2i) * cs - in_cl)
-                    self.f.pwrite(host + in_cl, view[pos:pos + n])
-                else:
-                    j = l2i + 1
-                    while j < stop and not self._in_place(table[j]):
-                        j += 1
-                    first, count = self.alloc.alloc_run(j - l2i)
-                    n = min(length - pos, count * cs - in_cl)
-                    self._write_new(first << cb, table, l2i, g, count, in_cl, view[pos:pos + n])
-                    for k in range(count):
-                        old = table[l2i + k]
-                        table[l2i + k] = ((first + k) << cb) | QCOW_OFLAG_COPIED
-                        self._release(old)
-                    self.l2.mark_dirty(self._l2_offset(l1i))
-                pos += n
-            if self.l2.over_budget:
-                self.flush()
+            if self._corrupt:
+                raise CorruptError("image was marked corrupt; writes are refused until it is repaired")
+            try:
+                self._write_locked(offset, view)
+            except CorruptError as e:
+                self.mark_corrupt(str(e))
+                raise
         return length
+
+    def _write_locked(self, offset: int, view: memoryview) -> None:
+        length = len(view)
+        cb, cs = self.cluster_bits, self.cluster_size
+        self._prepare_for_write()
+        pos = 0
+        while pos < length:
+            voff = offset + pos
+            g = voff >> cb
+            in_cl = voff & (cs - 1)
+            l1i, l2i = g >> self.l2_bits, g & (self.l2_entries - 1)
+            table = self._l2_for_write(l1i)
+            stop = min(self.l2_entries, l2i + ((offset + length - 1) >> cb) - g + 1)
+            if self._zero_cluster:
+                if in_cl == 0 and length - pos >= cs and view[pos:pos + cs] == self._zero_cluster \
+                        and self._write_zero_cluster(table, l1i, l2i):
+                    pos += cs
+                    continue
+                stop = l2i + 1  # look at every cluster on its own
+            entry = table[l2i]
+            if self._in_place(entry):
+                host = entry & L2E_OFFSET_MASK
+                self._host_check(host, "data cluster")
+                j = l2i + 1
+                while j < stop and (table[j] & L2E_OFFSET_MASK) == host + (j - l2i) * cs \
+                        and self._in_place(table[j]):
+                    j += 1
+                for i in range(l2i, j):
+                    if not table[i] & QCOW_OFLAG_COPIED:
+                        table[i] |= QCOW_OFLAG_COPIED
+                        self.l2.mark_dirty(self._l2_offset(l1i))
+                n = min(length - pos, (j - l2i) * cs - in_cl)
+                self._check_data_target(host >> cb, -(-(in_cl + n) // cs))
+                self.f.pwrite(host + in_cl, view[pos:pos + n])
+            else:
+                j = l2i + 1
+                while j < stop and not self._in_place(table[j]):
+                    j += 1
+                first, count = self.alloc.alloc_run(j - l2i)
+                self._check_fresh(first, count)
+                n = min(length - pos, count * cs - in_cl)
+                self._write_new(first << cb, table, l2i, g, count, in_cl, view[pos:pos + n])
+                for k in range(count):
+                    old = table[l2i + k]
+                    table[l2i + k] = ((first + k) << cb) | QCOW_OFLAG_COPIED
+                    self._release(old)
+                self.l2.mark_dirty(self._l2_offset(l1i))
+            pos += n
+        if self.l2.over_budget:
+            self.flush()
 
     def _write_zero_cluster(self, table: array.array, l1i: int, l2i: int) -> bool:
         """A whole cluster of zeros with detect-zeroes: a zero cluster instead of data.
@@ -412,6 +458,13 @@ class Image:
                 self._release(old)
             self.l2.mark_dirty(self._l2_offset(l1i))
         return True
+
+    def _check_fresh(self, first: int, count: int) -> None:
+        """A newly allocated run must not be metadata (a refcount of 0 on a table)."""
+        meta = self._metadata_set()
+        for c in range(first, first + count):
+            if c in meta:
+                raise CorruptError(f"cluster {c} is in use as metadata but has refcount 0")
 
     def _l2_offset(self, l1_index: int) -> int:
         return self.l1[l1_index] & L1E_OFFSET_MASK
@@ -491,11 +544,15 @@ class Image:
         self.f.sync()
 
     def mark_corrupt(self, reason: str) -> None:
-        if not self.writable or self.version < 3:
+        """Refuse further writes and set the header's corrupt bit (v3), as QEMU's
+        qcow2_signal_corruption does, rather than risk overwriting metadata."""
+        if not self.writable or self._corrupt:
             return
+        self._corrupt = True
         log.error("marking image corrupt: %s", reason)
+        if self.version < 3:
+            return
         self.header.incompatible_features |= INCOMPAT_CORRUPT
         self.f.pwrite(OFF_INCOMPATIBLE_FEATURES, struct.pack(">Q", self.header.incompatible_features))
         self.f.sync()
-        self.writable = False
 

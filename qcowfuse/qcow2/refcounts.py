@@ -153,13 +153,24 @@ class RefcountStore:
                 c = (b + 1) * epb
 
     def free_run(self, count: int, start: int | None = None) -> int:
-        """First cluster index of `count` consecutive free clusters."""
+        """First cluster index of `count` consecutive free clusters (block-wise scan,
+        so even hostile refcounts cost one pass over the blocks, not one per cluster)."""
+        epb = self.entries_per_block
         c = self.next_free(self.free_hint if start is None else start)
         while True:
-            for k in range(1, count):
-                if self.get(c + k):
-                    c = self.next_free(c + k + 1)
+            k, end = c, c + count
+            while k < end:
+                b, i = divmod(k, epb)
+                values = self._block(b)
+                if values is None:  # no block: all free
+                    k = (b + 1) * epb
+                    continue
+                j = min(epb, i + end - k)
+                used = values[i:j].tobytes().rstrip(b"\0")
+                if used:  # restart after the last used cluster of this stretch
+                    c = self.next_free(b * epb + i + (len(used) - 1) // values.itemsize + 1)
                     break
+                k = b * epb + j
             else:
                 return c
 
@@ -234,6 +245,8 @@ class RefcountStore:
         nblocks = 0
         while True:
             table_clusters = -(-entries // per_cluster)
+            if table_clusters * cs > MAX_REFTABLE_BYTES:
+                raise FormatError("refcount table would exceed its maximum size (image too large)")
             start = self.free_run(table_clusters + nblocks)
             missing = self._blocks_missing(start, table_clusters + nblocks, len(self.table))
             if missing and missing[-1] >= table_clusters * per_cluster:
@@ -248,8 +261,6 @@ class RefcountStore:
                 nblocks = len(missing)
                 missing = self._blocks_missing(start, table_clusters + nblocks, len(self.table))
             break
-        if table_clusters * cs > MAX_REFTABLE_BYTES:
-            raise FormatError("refcount table would exceed its maximum size (image too large)")
         old_offset = self.header.refcount_table_offset
         old_clusters = self.header.refcount_table_clusters
         self.table.extend([0] * (table_clusters * per_cluster - len(self.table)))
