@@ -44,6 +44,18 @@ DETECT_ZEROES_MODES = ("off", "on", "unmap")
 DEFAULT_REFCOUNT_CACHE_BYTES = 8 << 20
 
 
+def _add_extent(plan: list[tuple[ClusterType, int, int, int]], kind: ClusterType, src: int,
+                pos: int, n: int) -> None:
+    """Append to a read plan, extending the last extent when source and request both
+    continue it (compressed clusters are decompressed one by one)."""
+    if plan and kind is not ClusterType.COMPRESSED:
+        k, s, p, m = plan[-1]
+        if k is kind and s + m == src and p + m == pos:
+            plan[-1] = (k, s, p, m + n)
+            return
+    plan.append((kind, src, pos, n))
+
+
 class Image:
     """A qcow2 image seen as a flat guest disk of `size` bytes."""
 
@@ -142,8 +154,9 @@ class Image:
 
     @staticmethod
     def _refuse_unsupported(h: Header, writable: bool) -> None:
-        if h.incompatible_features & INCOMPAT_EXTL2:
-            raise UnsupportedError("images with extended L2 entries (subclusters) are not supported yet")
+        if writable and h.incompatible_features & INCOMPAT_EXTL2:
+            raise UnsupportedError("images with extended L2 entries (subclusters) can only be mounted "
+                                   "read-only (-o ro)")
         if writable and h.incompatible_features & INCOMPAT_CORRUPT:
             raise UnsupportedError("image is marked corrupt: mount it read-only (-o ro), or repair it "
                                    "with 'qemu-img check -r all' first")
@@ -218,6 +231,8 @@ class Image:
         """(kind, source offset, position in request, length) extents, merged where both
         the source and the request are contiguous: one pread per host extent.  Zero
         clusters (and unallocated ones without a backing file) need no I/O at all."""
+        if self.header.extended_l2:
+            return self._read_plan_subclusters(offset, length)
         cb, cs = self.cluster_bits, self.cluster_size
         # entries with these bits are not plain data (the zero flag exists from v3)
         special = QCOW_OFLAG_COMPRESSED | (QCOW_OFLAG_ZERO if self.version >= 3 else 0)
@@ -236,22 +251,44 @@ class Image:
                 if entry & L2E_OFFSET_MASK and not entry & special:
                     host = entry & L2E_OFFSET_MASK
                     self._host_check(host, "data cluster")
-                    ext = (ClusterType.NORMAL, host + (voff & (cs - 1)), pos, n)
+                    _add_extent(plan, ClusterType.NORMAL, host + (voff & (cs - 1)), pos, n)
                 elif entry & QCOW_OFLAG_COMPRESSED:
-                    ext = (ClusterType.COMPRESSED, entry, pos, n)
+                    _add_extent(plan, ClusterType.COMPRESSED, entry, pos, n)
                 elif backing and not entry & (L2E_OFFSET_MASK | special):
-                    ext = (ClusterType.UNALLOCATED, voff, pos, n)
-                else:
-                    pos += n
-                    continue
-                if plan and ext[0] is not ClusterType.COMPRESSED:
-                    kind, src, p, m = plan[-1]
-                    if kind is ext[0] and src + m == ext[1] and p + m == pos:
-                        plan[-1] = (kind, src, p, m + n)
-                        pos += n
-                        continue
-                plan.append(ext)
+                    _add_extent(plan, ClusterType.UNALLOCATED, voff, pos, n)
                 pos += n
+        return plan
+
+    def _read_plan_subclusters(self, offset: int, length: int) -> list[tuple[ClusterType, int, int, int]]:
+        """The same for extended L2 entries (incompatible bit 4): 128-bit entries whose
+        second word holds, per subcluster (cluster/32), an "allocated" bit (low 32)
+        and a "reads as zeros" bit (high 32); compressed clusters ignore the bitmap."""
+        cb, cs = self.cluster_bits, self.cluster_size
+        sc_bits = cb - 5
+        sc = 1 << sc_bits
+        backing = self.backing is not None
+        plan: list[tuple[ClusterType, int, int, int]] = []
+        pos = 0
+        while pos < length:
+            voff = offset + pos
+            g = voff >> cb
+            table = self._l2_table(g >> self.l2_bits)
+            i = 2 * (g & (self.l2_entries - 1))
+            entry, bitmap = (table[i], table[i + 1]) if table is not None else (0, 0)
+            if entry & QCOW_OFLAG_COMPRESSED:
+                n = min(cs - (voff & (cs - 1)), length - pos)
+                _add_extent(plan, ClusterType.COMPRESSED, entry, pos, n)
+                pos += n
+                continue
+            sub = (voff >> sc_bits) & 31
+            n = min(sc - (voff & (sc - 1)), length - pos)
+            if bitmap >> sub & 1:
+                host = entry & L2E_OFFSET_MASK
+                self._host_check(host, "data cluster")
+                _add_extent(plan, ClusterType.NORMAL, host + (voff & (cs - 1)), pos, n)
+            elif not bitmap >> (32 + sub) & 1 and backing:
+                _add_extent(plan, ClusterType.UNALLOCATED, voff, pos, n)
+            pos += n
         return plan
 
     # -- writing ------------------------------------------------------------------

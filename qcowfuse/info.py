@@ -8,7 +8,7 @@ import os
 from .backing import RawLayer
 from .image import Image
 from .qcow2.header import INCOMPAT_CORRUPT, INCOMPAT_DIRTY
-from .qcow2.tables import L1E_OFFSET_MASK, ClusterType, classify
+from .qcow2.tables import L1E_OFFSET_MASK, QCOW_OFLAG_COMPRESSED, ClusterType, classify
 
 
 def _feature_names(img: Image) -> dict[str, list[str]]:
@@ -25,8 +25,14 @@ def allocated_clusters(img: Image) -> int:
     n = 0
     for l1e in img.l1:
         off = l1e & L1E_OFFSET_MASK
-        if off:
-            n += sum(1 for e in img.l2.get(off)
+        if not off:
+            continue
+        table = img.l2.get(off)
+        if img.header.extended_l2:  # (entry, subcluster bitmap) pairs
+            n += sum(1 for e, bm in zip(table[::2], table[1::2])
+                     if e & QCOW_OFLAG_COMPRESSED or bm & 0xFFFFFFFF)
+        else:
+            n += sum(1 for e in table
                      if classify(e, img.version) in (ClusterType.NORMAL, ClusterType.ZERO_ALLOC,
                                                      ClusterType.COMPRESSED))
     return n

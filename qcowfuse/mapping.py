@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Iterator
 
 from .backing import Layer, RawLayer
+from .errors import UnsupportedError
 from .image import Image
 from .qcow2.tables import L2E_OFFSET_MASK, ClusterType, classify
 
@@ -89,6 +90,8 @@ def _bottom_depth(img: Image, depth: int) -> int:
 
 
 def image_map(img: Image) -> list[Extent]:
+    if img.header.extended_l2:
+        raise UnsupportedError("mapping images with extended L2 entries is not supported (use qemu-img map)")
     out: list[Extent] = []
     for ext in _layer_status(img, 0, img.size, 0):
         if out and ext.continues(out[-1]):

@@ -117,6 +117,21 @@ def test_snapshots_are_never_changed(tmp_path, mount, cs):
     assert_refused(["-o", "snapshot=nope", str(img), str(tmp_path / "snap")], "no snapshot named 'nope'", img)
 
 
-def test_extended_l2_is_refused_with_reason(tmp_path):
-    img = qemu.create(tmp_path / "x.qcow2", 4 * MiB, extra="extended_l2=on")
-    assert_refused([str(img), str(tmp_path / "mp")], "extended L2", img)
+@pytest.mark.parametrize("with_backing", [False, True])
+def test_extended_l2_read_only(tmp_path, mount, with_backing):
+    """Subclusters (cluster/32): allocated, zero and unallocated ones in one cluster."""
+    if with_backing:
+        base = tmp_path / "base.raw"
+        base.write_bytes(random.Random(4).randbytes(8 * MiB))
+        img = tmp_path / "x.qcow2"
+        qemu.run("qemu-img", "create", "-q", "-f", "qcow2", "-o", "extended_l2=on,cluster_size=65536",
+                 "-b", "base.raw", "-F", "raw", str(img), str(8 * MiB))
+    else:
+        img = qemu.create(tmp_path / "x.qcow2", 8 * MiB, extra="extended_l2=on")
+    qemu.qemu_io(img, "write -P 0x91 2k 2k", "write -P 0x92 8k 6k", "write -z 20k 4k",
+                 "write -P 0x93 1M 200k", "write -z 3M 64k", "write -c -P 0x94 4M 64k")
+    expect = qemu.convert_to_raw(img, tmp_path / "expect.raw").read_bytes()
+    with mount(img, tmp_path / "raw", "-o", "ro") as (raw, _):
+        assert raw.read_bytes() == expect
+    assert_refused([str(img), str(tmp_path / "mp")], "extended L2 entries (subclusters) can only be mounted "
+                   "read-only", img)

@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from ..errors import FormatError, QcowError
+from ..errors import FormatError, QcowError, UnsupportedError
 from .allocator import Allocator
 from .compressed import CompressedDescriptor
 from .header import EXT_BITMAPS, MAX_REFTABLE_BYTES, OFF_REFCOUNT_TABLE
@@ -317,6 +317,9 @@ class Checker:
         if repair is not None and repair not in REPAIR_MODES:
             raise ValueError(f"repair mode must be one of {REPAIR_MODES}")
         img = self.img
+        if img.header.extended_l2:
+            raise UnsupportedError("checking images with extended L2 entries is not supported "
+                                   "(use qemu-img check)")
         report = CheckReport(img.f.path, total_clusters=-(-img.size // self.cs))
         counts, rebuild = self.count_references(report)
         pre_compare = (report.corruptions, report.messages[:])

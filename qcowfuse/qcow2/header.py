@@ -108,9 +108,13 @@ class Header:
         return 1 << self.refcount_order
 
     @property
+    def extended_l2(self) -> bool:
+        return bool(self.incompatible_features & INCOMPAT_EXTL2)
+
+    @property
     def l2_bits(self) -> int:
-        """log2 of entries per (standard, 64-bit entry) L2 table."""
-        return self.cluster_bits - 3
+        """log2 of entries per L2 table (64-bit entries, or 128-bit with extended L2)."""
+        return self.cluster_bits - (4 if self.extended_l2 else 3)
 
     def feature_name(self, kind: str, bit: int) -> str:
         return self.feature_names.get((kind, bit)) or FEATURE_NAMES.get((kind, bit)) or f"bit {bit}"
@@ -153,6 +157,8 @@ class Header:
             raise FormatError("header_length is larger than a cluster")
         if self.version == 2 and self.refcount_order != 4:
             raise FormatError("version 2 images must have 16-bit refcounts")
+        if self.extended_l2 and self.cluster_bits < 14:
+            raise FormatError("extended L2 entries need clusters of at least 16 KiB")
         if self.refcount_order > MAX_REFCOUNT_ORDER:
             raise FormatError(f"invalid refcount_order {self.refcount_order} (must be 0..6)")
         if self.crypt_method != CRYPT_NONE:
