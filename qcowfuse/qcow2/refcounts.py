@@ -261,24 +261,39 @@ class RefcountStore:
                 nblocks = len(missing)
                 missing = self._blocks_missing(start, table_clusters + nblocks, len(self.table))
             break
-        old_offset = self.header.refcount_table_offset
-        old_clusters = self.header.refcount_table_clusters
-        self.table.extend([0] * (table_clusters * per_cluster - len(self.table)))
+        epb = self.entries_per_block
+        new_table = self.table + [0] * (table_clusters * per_cluster - len(self.table))
+        new_blocks = {b: self.codec.zeros() for b in missing}
         for j, b in enumerate(missing):
-            self._install_block(b, start + table_clusters + j, self.codec.zeros())
+            new_table[b] = (start + table_clusters + j) * cs
         for c in range(start, start + table_clusters + nblocks):
-            self.add(c, 1)  # every block exists now: no recursion
-        self.generation += 1
+            b, i = divmod(c, epb)
+            if b in new_blocks:
+                new_blocks[b][i] += 1
+            else:
+                self.add(c, 1)  # an existing block; if the switch fails this is only a leak
         # Blocks first, then the table, then the header: each durable before the next.
+        # Nothing in memory refers to the new area until the header switch is on disk,
+        # so an I/O error (ENOSPC) on the way leaves the old table fully in charge.
+        for b, values in new_blocks.items():
+            self.f.pwrite(new_table[b], self.codec.encode(values))
         self._write_blocks()
         self.f.sync()
-        self.f.pwrite(start * cs, struct.pack(f">{len(self.table)}Q", *self.table))
+        self.f.pwrite(start * cs, struct.pack(f">{len(new_table)}Q", *new_table))
         self.f.sync()
         self.f.pwrite(OFF_REFCOUNT_TABLE, struct.pack(">QI", start * cs, table_clusters))
         self.f.sync()
-        self.dirty_table.clear()
+        old_offset = self.header.refcount_table_offset
+        old_clusters = self.header.refcount_table_clusters
         self.header.refcount_table_offset = start * cs
         self.header.refcount_table_clusters = table_clusters
+        self.table = new_table
+        self.dirty_table.clear()
+        for b, values in new_blocks.items():
+            self.blocks[b] = values
+        self.generation += 1
+        if self.free_hint >= start:
+            self.free_hint = start + table_clusters + nblocks
         for c in range(old_offset // cs, old_offset // cs + old_clusters):
             self.add(c, -1)
 
@@ -299,6 +314,7 @@ class RefcountStore:
         # must not reach disk first (a torn or reordered crash would leave a reachable
         # block with refcount 0).  Write entries in waves, covering blocks first.
         base = self.header.refcount_table_offset
+        assert len(self.table) * 8 == self.header.refcount_table_clusters * self.cluster_size
         while self.dirty_table:
             wave = [b for b in sorted(self.dirty_table)
                     if self._covering_block(b) == b or self._covering_block(b) not in self.dirty_table]
