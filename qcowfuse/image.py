@@ -160,9 +160,6 @@ class Image:
         if writable and h.incompatible_features & INCOMPAT_CORRUPT:
             raise UnsupportedError("image is marked corrupt: mount it read-only (-o ro), or repair it "
                                    "with 'qemu-img check -r all' first")
-        if writable and h.incompatible_features & INCOMPAT_DIRTY:
-            raise UnsupportedError("image was not closed cleanly (lazy refcounts, dirty bit set): mount "
-                                   "it read-only (-o ro), or repair it with 'qemu-img check -r all' first")
 
     # -- mapping --------------------------------------------------------------
 
@@ -299,6 +296,8 @@ class Image:
         refcounts so that no allocation can ever land on a cluster in use."""
         if self._prepared:
             return
+        if self.header.incompatible_features & INCOMPAT_DIRTY:
+            self._repair_dirty()
         self._check_metadata_refcounts()
         h = self.header
         if h.version >= 3 and h.autoclear_features:
@@ -306,6 +305,18 @@ class Image:
             self.f.pwrite(OFF_AUTOCLEAR_FEATURES, struct.pack(">Q", 0))
             self.f.sync()
         self._prepared = True
+
+    def _repair_dirty(self) -> None:
+        """A writer with lazy refcounts (compatible bit 0) died: its refcounts may be
+        too low.  Rebuild them before allocating anything, as QEMU does on open."""
+        from .qcow2.check import Checker  # check walks an Image: import at call time
+
+        report = Checker(self).run("all")
+        if report.corruptions or report.check_errors:
+            raise CorruptError("image was not closed cleanly and its refcounts could not be "
+                               "repaired: run 'qcowfuse check --repair all'")
+        log.warning("image was not closed cleanly (lazy refcounts): refcounts repaired "
+                    "(%d corruptions, %d leaks fixed)", report.corruptions_fixed, report.leaks_fixed)
 
     def metadata_clusters(self) -> list[tuple[str, int]]:
         """(what, host cluster index) of every metadata cluster reachable without reading L2s."""

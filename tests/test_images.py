@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import random
+import struct
 from pathlib import Path
 
 import pytest
@@ -91,6 +92,19 @@ def test_lazy_refcounts_clean_image(tmp_path, mount):
     img = qemu.create(tmp_path / "lazy.qcow2", 16 * MiB, extra="lazy_refcounts=on")
     qemu.qemu_io(img, "write -P 0x73 0 2M")
     roundtrip(tmp_path, img, mount, seed=4)
+
+
+def test_dirty_lazy_refcount_image_is_repaired_before_writing(tmp_path, mount):
+    """qemu-io killed with lazy refcounts on: dirty bit set, refcounts too low."""
+    img = qemu.create(tmp_path / "dirty.qcow2", 16 * MiB, cluster_size=4096, extra="lazy_refcounts=on")
+    qemu.run("qemu-io", "-c", "write -P 0x44 0 1M", "-c", "write -P 0x45 5M 64k", "-c", "abort",
+             str(img), check=False)
+    assert struct.unpack_from(">Q", img.read_bytes(), 72)[0] & 1, "expected the dirty bit"
+    assert qemu.check(img)["rc"] == 2
+    with mount(img, tmp_path / "ro", "-o", "ro") as (raw, _):  # reading needs no repair
+        assert raw.read_bytes()[:4] == b"\x44" * 4
+    roundtrip(tmp_path, img, mount, seed=6)  # rebuilds refcounts at the first write
+    assert not struct.unpack_from(">Q", img.read_bytes(), 72)[0] & 1
 
 
 def snapshot_raw(img: Path, name: str, out: Path) -> bytes:
