@@ -78,6 +78,12 @@ class HostFile:
             view = view[n:]
             offset += n
 
+    def extend_to(self, size: int) -> None:
+        """Grow the file to `size` bytes (a hole) if it is shorter."""
+        if self.end() < size:
+            os.ftruncate(self.fd, size)
+            self._end = size
+
     def punch_hole(self, offset: int, length: int) -> None:
         """Give the space back to the host filesystem (best effort; size unchanged)."""
         try:

@@ -523,17 +523,32 @@ class Image:
         head and tail clusters from the guest clusters' old content."""
         cs = self.cluster_size
         end = in_cl + len(data)
-        if in_cl == 0 and end == count * cs:
+        total = count * cs
+        if in_cl == 0 and end == total:
             self.f.pwrite(host, data)
             return
-        buf = bytearray(count * cs)
-        if in_cl:
+        last = (end - 1) // cs
+        head_zero = in_cl == 0 or self._reads_as_zeros(table[l2i])
+        tail_zero = end % cs == 0 or self._reads_as_zeros(table[l2i + last])
+        if head_zero and tail_zero and host >= self.f.end():
+            # Past the end of the file the host reads zeros already (a hole): write only
+            # the data and make the file cover the clusters, instead of 16x the bytes.
+            self.f.pwrite(host + in_cl, data)
+            self.f.extend_to(host + total)
+            return
+        buf = bytearray(total)
+        if not head_zero:
             buf[:cs] = self.cluster_content(table[l2i], guest_cluster)
-        if end % cs:
-            last = (end - 1) // cs
+        if not tail_zero:
             buf[last * cs:(last + 1) * cs] = self.cluster_content(table[l2i + last], guest_cluster + last)
         buf[in_cl:end] = data
         self.f.pwrite(host, buf)
+
+    def _reads_as_zeros(self, entry: int) -> bool:
+        """Known to read as zeros without any I/O (zero flag, or nothing below)."""
+        kind = classify(entry, self.version)
+        return kind in (ClusterType.ZERO_PLAIN, ClusterType.ZERO_ALLOC) or (
+            kind is ClusterType.UNALLOCATED and self.backing is None)
 
     # -- durability -----------------------------------------------------------------
 

@@ -91,6 +91,13 @@ class RecordingFile:
         self.unsynced = True
         self.inner.pwrite(offset, data)
 
+    def extend_to(self, size: int) -> None:
+        """Logged as an empty write at the new end: replaying it only grows the file."""
+        if self.inner.end() < size:
+            self.log.append((size, b""))
+            self.unsynced = True
+        self.inner.extend_to(size)
+
     def punch_hole(self, offset: int, length: int) -> None:
         """Logged as a write of zeros (clipped at the end of the file: the size stays)."""
         n = max(0, min(length, self.inner.size() - offset))

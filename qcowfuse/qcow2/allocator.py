@@ -36,8 +36,8 @@ class Allocator:
                 continue  # new refcount blocks may sit inside the candidate run
             for c in range(start, start + count):
                 rc.add(c, 1)
-            if start == rc.free_hint:
-                rc.free_hint = start + count
+            # start was the first free cluster at or after the hint: all below is used now
+            rc.free_hint = start + count
             return start, count
 
     def alloc(self) -> int:
