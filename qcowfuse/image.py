@@ -425,7 +425,6 @@ class Image:
             raise ReadOnlyError("image is open read-only")
         if offset < 0 or offset + length > self.size:
             raise ValueError(f"write of {length} bytes at {offset} is beyond the virtual size {self.size}")
-        cb, cs = self.cluster_bits, self.cluster_size
         with self._lock:
             if self._corrupt:
                 raise CorruptError("image was marked corrupt; writes are refused until it is repaired")

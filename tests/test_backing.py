@@ -12,6 +12,7 @@ import pytest
 import qemu
 from cli_helpers import assert_refused
 from qcowfuse import Image
+from workload import random_writes
 
 MiB = 1 << 20
 
@@ -40,21 +41,10 @@ def test_chain_reads_like_qemu_and_writes_leave_backing_alone(tmp_path, mount):
     hashes = [sha(p) for p in lower]
     expect = qemu.convert_to_raw(top, tmp_path / "expect.raw").read_bytes()
     model = bytearray(expect)
-    rnd = random.Random(5)
     os.chdir("/")  # relative backing names must resolve against the image's directory
     with mount(top, tmp_path / "raw") as (raw, _):
         assert raw.read_bytes() == expect
-        fd = os.open(raw, os.O_RDWR)
-        try:
-            for _ in range(150):  # partial clusters over every layer
-                n = rnd.choice([1, 700, 4096, 65536 + 3, 200000])
-                off = rnd.randrange(0, len(model) - n)
-                data = rnd.randbytes(n)
-                os.pwrite(fd, data, off)
-                model[off:off + n] = data
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        random_writes(raw, model, seed=5, count=150, sizes=(1, 700, 4096, 65536 + 3, 200000))
     assert [sha(p) for p in lower] == hashes
     (tmp_path / "model.raw").write_bytes(model)
     qemu.assert_clean(top)

@@ -157,7 +157,6 @@ def test_random_mutations_with_time_limit(seed_images, tmp_path):
     """A fixed budget of seeded random mutations; each case must finish in 5 s (no
     endless scans), and the failure message is the input that reproduces it."""
     rnd = random.Random(int(os.environ.get("QCOWFUSE_FUZZ_SEED", "2")))
-    path = tmp_path / "f.qcow2"
 
     def timeout(*_):
         raise TimeoutError("case took more than 5 s")

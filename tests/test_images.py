@@ -16,23 +16,9 @@ import pytest
 import qemu
 from cli_helpers import assert_refused
 from qcowfuse import Image
+from workload import random_writes
 
 MiB = 1 << 20
-
-
-def random_writes(raw: Path, model: bytearray, seed: int, count: int = 120) -> None:
-    rnd = random.Random(seed)
-    fd = os.open(raw, os.O_RDWR)
-    try:
-        for _ in range(count):
-            n = rnd.choice([1, 300, 4096, 65536, 70001, 300000])
-            off = rnd.randrange(0, len(model) - n)
-            data = rnd.randbytes(n)
-            os.pwrite(fd, data, off)
-            model[off:off + n] = data
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def roundtrip(tmp_path: Path, img: Path, mount, seed: int = 1) -> None:

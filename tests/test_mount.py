@@ -6,13 +6,13 @@ import errno
 import os
 import signal
 import time
-from pathlib import Path
 
 import pytest
 import trio
 
 import qemu
-from conftest import fuse_mounts, run_cli, unmount
+from conftest import fuse_mounts
+from workload import random_writes
 
 
 def test_reads_patterns_qemu_wrote(tmp_path, mount):
@@ -32,20 +32,9 @@ def test_writes_through_mount_match_model(tmp_path, mount):
     qemu.qemu_io(img, "write -P 0x77 1M 2M")
     model = bytearray(size)
     model[1 << 20:3 << 20] = b"\x77" * (2 << 20)
-    rnd = __import__("random").Random(7)
     with mount(img, tmp_path / "raw") as (raw, _):
-        fd = os.open(raw, os.O_RDWR)
-        try:
-            for _ in range(300):
-                n = rnd.choice([1, 511, 4096, 5000, 65536, 300000])
-                off = rnd.randrange(0, size - n)
-                data = rnd.randbytes(n)
-                assert os.pwrite(fd, data, off) == n
-                model[off:off + n] = data
-            os.fsync(fd)
-            assert os.pread(fd, size, 0) == bytes(model)
-        finally:
-            os.close(fd)
+        random_writes(raw, model, seed=7, count=300, sizes=(1, 511, 4096, 5000, 65536, 300000))
+        assert raw.read_bytes() == bytes(model)
     (tmp_path / "model.raw").write_bytes(model)
     qemu.assert_clean(img)
     qemu.compare_raw(img, tmp_path / "model.raw")

@@ -272,7 +272,7 @@ class Checker:
     def rebuild_refcounts(self, counts: array.array) -> None:
         """Write a complete refcount table and blocks for `counts` (which must not count
         the old refcount structures) past the end of the file, then switch to them."""
-        img, cs, cb = self.img, self.cs, self.cb
+        img, cs = self.img, self.cs
         codec = img.rc.codec
         epb = codec.entries
         end = len(counts)
