@@ -45,6 +45,20 @@ class UsageError(QcowError):
     pass
 
 
+def parse_size(text: str) -> int:
+    """'32M', '512k', '1G' or plain bytes, as QEMU's size options take them."""
+    units = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+    t = text.strip().lower()
+    num, unit = (t[:-1], t[-1]) if t and t[-1] in "bkmgt" else (t, "")
+    try:
+        value = int(float(num) * units[unit])
+    except ValueError:
+        raise UsageError(f"not a size: '{text}' (use e.g. 32M)") from None
+    if value <= 0:
+        raise UsageError(f"size must be positive: '{text}'")
+    return value
+
+
 def parse_mount_options(values: list[str], opts: MountOptions) -> None:
     for value in values:
         for item in filter(None, value.split(",")):
@@ -66,6 +80,10 @@ def parse_mount_options(values: list[str], opts: MountOptions) -> None:
                 opts.snapshot = arg
             elif name in ("detect-zeroes", "detect_zeroes") and arg in ("off", "on", "unmap"):
                 opts.detect_zeroes = arg
+            elif name in ("l2-cache-size", "l2_cache_size") and arg:
+                opts.l2_cache_size = parse_size(arg)
+            elif name in ("refcount-cache-size", "refcount_cache_size") and arg:
+                opts.refcount_cache_size = parse_size(arg)
             elif name in GENERIC_MOUNT_OPTIONS or name.startswith("x-") or name == "comment":
                 continue
             else:
@@ -86,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "direct_io, force-share (with ro: no image locks, like qemu-img -U), "
                         "snapshot=NAME (an internal snapshot, read-only), "
                         "detect-zeroes=off|on|unmap (whole zero clusters become zero clusters; "
-                        "unmap also frees their space); "
+                        "unmap also frees their space), l2-cache-size=SIZE (default 32M), "
+                        "refcount-cache-size=SIZE (default 8M); "
                         "generic mount(8) options are ignored")
     p.add_argument("--pidfile", metavar="FILE", help="write the daemon's pid here once mounted")
     p.add_argument("-V", "--version", action="version", version=f"qcowfuse {__version__}")

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import QcowError
-from .image import Image
+from .image import DEFAULT_L2_CACHE_BYTES, DEFAULT_REFCOUNT_CACHE_BYTES, Image
 from .notify import sd_notify
 
 log = logging.getLogger("qcowfuse")
@@ -38,6 +38,8 @@ class MountOptions:
     force_share: bool = False
     snapshot: str | None = None
     detect_zeroes: str = "off"
+    l2_cache_size: int = DEFAULT_L2_CACHE_BYTES
+    refcount_cache_size: int = DEFAULT_REFCOUNT_CACHE_BYTES
     pidfile: str | None = None
     extra_fuse_options: list[str] = field(default_factory=list)
 
@@ -115,7 +117,8 @@ def mount(opts: MountOptions) -> int:
     if opts.snapshot is not None:
         opts.read_only = True  # a snapshot is never changed
     image = Image.open(image_path, writable=not opts.read_only, lock=not opts.force_share,
-                       snapshot=opts.snapshot, detect_zeroes=opts.detect_zeroes)
+                       snapshot=opts.snapshot, detect_zeroes=opts.detect_zeroes,
+                       l2_cache_bytes=opts.l2_cache_size, refcount_cache_bytes=opts.refcount_cache_size)
     target = None
     try:
         target = prepare_mountpoint(opts.mountpoint, image_path)

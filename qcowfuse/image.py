@@ -408,6 +408,12 @@ class Image:
             return True
         return self.rc.get((entry & L2E_OFFSET_MASK) >> self.cluster_bits) == 1
 
+    def _reusable_zero_alloc(self, entry: int) -> bool:
+        if classify(entry, self.version) is not ClusterType.ZERO_ALLOC:
+            return False
+        return bool(entry & QCOW_OFLAG_COPIED) or \
+            self.rc.get((entry & L2E_OFFSET_MASK) >> self.cluster_bits) == 1
+
     def _release(self, entry: int) -> None:
         """Drop (after the next table sync) the reference an overwritten L2 entry held."""
         kind = classify(entry, self.version)
@@ -454,7 +460,18 @@ class Image:
                     continue
                 stop = l2i + 1  # look at every cluster on its own
             entry = table[l2i]
-            if self._in_place(entry):
+            if self._reusable_zero_alloc(entry):
+                # zero flag over a cluster we own: reuse it, as QEMU does
+                host = entry & L2E_OFFSET_MASK
+                n = min(length - pos, cs - in_cl)
+                self._host_check(host, "data cluster")
+                self._check_data_target(host >> cb, 1)
+                buf = bytearray(cs)
+                buf[in_cl:in_cl + n] = view[pos:pos + n]
+                self.f.pwrite(host, buf)
+                table[l2i] = host | QCOW_OFLAG_COPIED
+                self.l2.mark_dirty(self._l2_offset(l1i))
+            elif self._in_place(entry):
                 host = entry & L2E_OFFSET_MASK
                 self._host_check(host, "data cluster")
                 j = l2i + 1

@@ -81,6 +81,12 @@ def test_bad_headers(tmp_path, image, offset, fmt, value, fragment):
     assert_refused([str(image), str(tmp_path / "mp")], fragment, image, tmp_path / "mp")
 
 
+def test_header_extension_overrunning_the_cluster(tmp_path, image):
+    # an extension right after the header that claims to run past cluster 0
+    patch(image, 112, ">II", 0x12345678, 70000)  # header_length is 112 for QEMU v3 images
+    assert_refused([str(image), str(tmp_path / "mp")], "overruns the first cluster", image)
+
+
 def test_corrupt_bit_refuses_rw_allows_ro(tmp_path, image, mount):
     patch(image, 72, ">Q", 1 << 1)
     assert_refused([str(image), str(tmp_path / "mp")], "corrupt", image)
@@ -108,3 +114,10 @@ def test_unknown_option(tmp_path, image):
 def test_generic_mount_options_are_ignored(tmp_path, image, mount):
     with mount(image, tmp_path / "mp", "-o", "defaults,noatime,nodev,nosuid,ro") as (raw, _):
         assert raw.stat().st_size == 16 << 20
+
+
+def test_cache_size_options(tmp_path, image, mount):
+    with mount(image, tmp_path / "mp", "-o", "l2-cache-size=1M,refcount-cache-size=256k") as (raw, _):
+        raw.write_bytes(b"\x17" * (16 << 20))
+    qemu.assert_clean(image)
+    assert_refused(["-o", "l2-cache-size=lots", str(image), str(tmp_path / "mp")], "not a size", image)

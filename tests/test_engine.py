@@ -138,3 +138,45 @@ def test_write_beyond_virtual_size_is_refused(tmp_path):
         with pytest.raises(ValueError):
             img.write((1 << 20) - 1, b"ab")
     qemu.assert_clean(path)
+
+
+def test_concurrent_threads_at_cluster_and_l2_boundaries(tmp_path):
+    """Threads write and read around cluster and L2-table boundaries through one Image;
+    each thread owns disjoint bytes, but they share clusters and tables."""
+    import threading
+
+    cs = 4096
+    size = 32 << 20
+    path = qemu.create(tmp_path / "t.qcow2", size, cs, 16)
+    l2_span = cs * (cs // 8)
+    model = bytearray(size)
+    errors: list[BaseException] = []
+    with Image.open(str(path), writable=True) as img:
+        def worker(k: int) -> None:
+            try:
+                rnd = random.Random(k)
+                for j in range(300):
+                    boundary = rnd.choice([l2_span * rnd.randrange(1, size // l2_span),
+                                           cs * rnd.randrange(1, size // cs)])
+                    # thread k owns bytes congruent to k modulo 8 "lanes" of 512 bytes
+                    off = boundary - 4096 + 512 * ((j * 8 + k) % 16)
+                    off -= off % 512
+                    off += 512 * ((k - off // 512) % 8)
+                    data = bytes([k * 16 + j % 16]) * 512
+                    img.write(off, data)
+                    model[off:off + 512] = data
+                    if j % 7 == 0:
+                        assert img.read(off, 512) == data
+                    if j % 50 == 0:
+                        img.flush()
+            except BaseException as e:  # reported below
+                errors.append(e)
+
+        threads = [threading.Thread(target=worker, args=(k,)) for k in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors, errors
+        assert img.read(0, size) == bytes(model)
+    judge(path, model, tmp_path)

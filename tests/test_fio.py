@@ -25,7 +25,7 @@ def test_fio_concurrent_random_writes_verify(tmp_path, mount, cluster_size):
              "--bsrange=4k-128k", "--numjobs=4", "--size=3000k", "--offset_increment=3000k",
              "--offset=1000k", "--verify=crc32c", "--do_verify=1", "--verify_fatal=1",
              "--group_reporting", "--output-format=terse", "--fsync_on_close=1"],
-            capture_output=True, text=True, timeout=300)
+            capture_output=True, text=True, timeout=300, cwd=tmp_path)  # verify state files
         assert r.returncode == 0, r.stdout + r.stderr
         assert "verify" not in r.stderr.lower(), r.stderr
         # and with verify after the fact: each job's region read back through the mount
@@ -33,7 +33,7 @@ def test_fio_concurrent_random_writes_verify(tmp_path, mount, cluster_size):
             ["fio", "--name=check", f"--filename={raw}", "--ioengine=psync", "--rw=randwrite",
              "--bsrange=4k-128k", "--numjobs=4", "--size=3000k", "--offset_increment=3000k",
              "--offset=1000k", "--verify=crc32c", "--verify_only", "--verify_fatal=1"],
-            capture_output=True, text=True, timeout=300)
+            capture_output=True, text=True, timeout=300, cwd=tmp_path)
         assert r.returncode == 0, r.stdout + r.stderr
     qemu.assert_clean(img)
     qemu.qemu_io(img, "read -P 0x5c 0 1000k", read_only=True)  # untouched by the jobs

@@ -135,3 +135,16 @@ def test_extended_l2_read_only(tmp_path, mount, with_backing):
         assert raw.read_bytes() == expect
     assert_refused([str(img), str(tmp_path / "mp")], "extended L2 entries (subclusters) can only be mounted "
                    "read-only", img)
+
+
+def test_write_into_preallocated_zero_cluster_reuses_it(tmp_path):
+    img = qemu.create(tmp_path / "za.qcow2", 4 * MiB)
+    qemu.qemu_io(img, "write -P 0x33 0 1M", "write -z 0 1M")  # zero flag, clusters kept
+    size_before = img.stat().st_size
+    with Image.open(str(img), writable=True) as im:
+        im.write(100, b"\x44" * 1000)
+        im.write(65536 * 3, b"\x45" * 65536)
+    assert img.stat().st_size == size_before  # no new clusters
+    qemu.assert_clean(img)
+    qemu.qemu_io(img, "read -P 0 0 100", "read -P 0x44 100 1000", "read -P 0 1100 195508",
+                 "read -P 0x45 192k 64k", "read -P 0 256k 768k", read_only=True)
