@@ -47,6 +47,9 @@ def test_dense_data_across_refcount_block_boundaries(tmp_path, mount):
 
     view = RefcountView(img)
     blocks = view.refblock_clusters()
+    print(f"\nseed: image file {img.stat().st_size} bytes, {len(blocks)} refcount blocks at clusters "
+          f"{blocks}, qemu-img check: {info.get('allocated-clusters')} allocated clusters, "
+          f"{info.get('leaks', 0)} leaks, {info.get('corruptions', 0)} corruptions")
     assert len(blocks) >= 3
     for c in blocks + list(view.table_cluster_range()):
         assert view.refcount(c) == 1, f"metadata cluster {c} has refcount {view.refcount(c)}"
