@@ -83,6 +83,9 @@ class Checker:
         self.cs = img.cluster_size
         self.cb = img.cluster_bits
         self.progress = progress or (lambda fraction: None)
+        # references may point past the end of the file (counted, as qemu-img does), but
+        # not so far that counting them would need unbounded memory
+        self.max_clusters = (self.f.size() >> self.cb) + (1 << 20)
 
     # -- counting references ----------------------------------------------------
 
@@ -91,6 +94,11 @@ class Checker:
             return
         first, last = offset >> self.cb, (offset + size - 1) >> self.cb
         if last >= len(counts):
+            if last >= self.max_clusters:
+                report.messages.append(f"ERROR: reference to offset {offset:#x}, far past the end of "
+                                       f"the image file")
+                report.corruptions += 1
+                return
             counts.extend(bytes(8 * (last + 1 - len(counts))))
         limit = self.img.rc.codec.max_value
         for k in range(first, last + 1):
@@ -151,6 +159,8 @@ class Checker:
         beyond patching (a block unaligned, outside the file or referenced twice)."""
         img, h = self.img, self.img.header
         nb_clusters = -(-self.f.size() // self.cs)
+        if nb_clusters > 1 << 31:
+            raise UnsupportedError("image file too large to check (more than 2^31 clusters)")
         counts = array.array("Q", bytes(8 * nb_clusters))
         self._inc(counts, report, 0, self.cs)
         self._count_l1(counts, report, h.l1_table_offset, h.l1_size, active=True)
@@ -197,32 +207,50 @@ class Checker:
 
     def compare(self, counts: array.array, report: CheckReport, fix_leaks: bool) -> bool:
         """Count leaks and corruptions; lower leaks if asked.  True if any stored
-        refcount is below its use (needs the refcount structures rebuilt)."""
+        refcount is below its use (needs the refcount structures rebuilt).
+
+        Block by block: a block whose stored refcounts equal the counted ones is
+        settled by one array comparison; only differing blocks are walked."""
         under = False
         highest = 0
         rc = self.img.rc
-        for i in range(len(counts)):
-            stored = self._stored(i, report)
-            if stored is None:
+        epb = rc.entries_per_block
+        n = len(counts)
+        for b in range(-(-n // epb)):
+            lo, hi = b * epb, min(n, (b + 1) * epb)
+            used = counts[lo:hi]
+            try:
+                block = rc._block(b)
+            except QcowError as e:
+                report.messages.append(f"Can't get refcounts of clusters {lo}-{hi - 1}: {e}")
+                report.check_errors += 1
                 continue
-            used = counts[i]
-            if stored or used:
-                highest = i
+            stored = array.array("Q", block[:hi - lo]) if block is not None else \
+                array.array("Q", bytes(8 * (hi - lo)))
+            for values in (stored, used):
+                tail = values.tobytes().rstrip(b"\0")
+                if tail:
+                    highest = max(highest, lo + (len(tail) - 1) // 8)
             if stored == used:
                 continue
-            if stored < used:
-                under = True
-                report.corruptions += 1
-                report.corrupt_clusters.append(i)
-                report.messages.append(f"ERROR cluster {i} refcount={stored} reference={used}")
-            elif fix_leaks:
-                rc.add(i, used - stored)
-                report.leaks_fixed += 1
-                report.messages.append(f"Repairing cluster {i} refcount={stored} reference={used}")
-            else:
-                report.leaks += 1
-                report.leaked_clusters.append(i)
-                report.messages.append(f"Leaked cluster {i} refcount={stored} reference={used}")
+            for i in range(hi - lo):
+                s_, u = stored[i], used[i]
+                if s_ == u:
+                    continue
+                c = lo + i
+                if s_ < u:
+                    under = True
+                    report.corruptions += 1
+                    report.corrupt_clusters.append(c)
+                    report.messages.append(f"ERROR cluster {c} refcount={s_} reference={u}")
+                elif fix_leaks:
+                    rc.add(c, u - s_)
+                    report.leaks_fixed += 1
+                    report.messages.append(f"Repairing cluster {c} refcount={s_} reference={u}")
+                else:
+                    report.leaks += 1
+                    report.leaked_clusters.append(c)
+                    report.messages.append(f"Leaked cluster {c} refcount={s_} reference={u}")
         report.image_end_offset = (highest + 1) * self.cs
         if fix_leaks and rc.dirty:
             rc.flush()
