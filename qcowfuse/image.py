@@ -211,10 +211,15 @@ class Image:
         if offset < 0 or length < 0:
             raise ValueError("negative offset or length")
         length = max(0, min(length, self.size - offset))
-        out = bytearray(length)
-        view = memoryview(out)
         with self._lock:
-            for kind, src, pos, n in self._read_plan(offset, length):
+            plan = self._read_plan(offset, length)
+            if not plan:
+                return bytes(length)  # zeros
+            if len(plan) == 1 and plan[0][0] is ClusterType.NORMAL and plan[0][3] == length:
+                return self.f.pread(plan[0][1], length)  # one host extent: no extra copy
+            out = bytearray(length)
+            view = memoryview(out)
+            for kind, src, pos, n in plan:
                 if kind is ClusterType.NORMAL:
                     self.f.pread_into(src, view[pos:pos + n])
                 elif kind is ClusterType.UNALLOCATED:
