@@ -26,6 +26,7 @@ from collections import OrderedDict
 from ..errors import CorruptError, FormatError
 from ..hostfile import HostFile
 from .header import MAX_REFTABLE_BYTES, OFF_REFCOUNT_TABLE, Header
+from .lru import evict_clean
 
 # Reftable entry: bits 9-63 hold the refcount block offset; bits 0-8 are reserved.
 REFT_OFFSET_MASK = 0xFFFFFFFFFFFFFE00
@@ -125,13 +126,7 @@ class RefcountStore:
         return values
 
     def _evict(self) -> None:
-        if len(self.blocks) <= self.max_cached_blocks:
-            return
-        for b in list(self.blocks)[:-1]:  # never the block just used
-            if len(self.blocks) <= self.max_cached_blocks:
-                break
-            if b not in self.dirty_blocks:
-                del self.blocks[b]
+        evict_clean(self.blocks, self.dirty_blocks, self.max_cached_blocks)
 
     def get(self, cluster: int) -> int:
         b, i = divmod(cluster, self.entries_per_block)

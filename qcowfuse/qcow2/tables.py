@@ -13,6 +13,7 @@ from collections import OrderedDict
 
 from ..errors import CorruptError
 from ..hostfile import HostFile
+from .lru import evict_clean
 
 # L1 entry: bits 9-55 L2 table offset, bit 63 COPIED (refcount exactly 1).
 L1E_OFFSET_MASK = 0x00FFFFFFFFFFFE00
@@ -98,13 +99,7 @@ class L2Cache:
         return len(self.tables) > self.max_tables and len(self.dirty) > self.max_tables // 2
 
     def _evict(self) -> None:
-        if len(self.tables) <= self.max_tables:
-            return
-        for off in list(self.tables)[:-1]:  # never the table just used
-            if len(self.tables) <= self.max_tables:
-                break
-            if off not in self.dirty:
-                del self.tables[off]
+        evict_clean(self.tables, self.dirty, self.max_tables)
 
     def write_dirty(self) -> bool:
         for off in sorted(self.dirty):
