@@ -104,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "direct_io, force-share (with ro: no image locks, like qemu-img -U), "
                         "snapshot=NAME (an internal snapshot, read-only), "
                         "detect-zeroes=off|on|unmap (whole zero clusters become zero clusters; "
-                        "unmap also frees their space), l2-cache-size=SIZE (default 32M), "
+                        "unmap also frees their space), l2-cache-size=SIZE (default 16M), "
                         "refcount-cache-size=SIZE (default 8M); "
                         "generic mount(8) options are ignored")
     p.add_argument("--pidfile", metavar="FILE", help="write the daemon's pid here once mounted")

@@ -37,7 +37,7 @@ from .qcow2.tables import (
 
 log = logging.getLogger("qcowfuse")
 
-DEFAULT_L2_CACHE_BYTES = 32 << 20
+DEFAULT_L2_CACHE_BYTES = 16 << 20  # maps 128 GiB of guest at 64 KiB clusters
 # QEMU's detect-zeroes: off; on (whole zero clusters become zero clusters, keeping their
 # host cluster); unmap (zero clusters, host cluster freed and its space punched out).
 DETECT_ZEROES_MODES = ("off", "on", "unmap")
