@@ -106,11 +106,12 @@ class Image:
 
     @classmethod
     def open(cls, path: str, writable: bool = False, lock: bool = True,
-             _seen: frozenset[tuple[int, int]] = frozenset(), **cache) -> "Image":
+             _seen: frozenset[tuple[int, int]] = frozenset(), **options) -> "Image":
         """Open and validate, with the backing chain; nothing is written to the file
         until the first write.
 
         lock: take QEMU's lock bytes (see locking.py); False is QEMU's force-share.
+        options: snapshot, repair, detect_zeroes, l2_cache_bytes, refcount_cache_bytes.
         """
         try:
             f = HostFile.open(path, writable)
@@ -121,13 +122,13 @@ class Image:
         try:
             if lock:
                 lock_image(f.fd, writable, path)
-            head, header = cls._read_header(f)
+            header = cls._read_header(f)
             backing = None
             if header.backing_file is not None:
                 seen = _seen | {file_identity(path)}
                 backing = open_backing(header.backing_file, header.backing_format, path, seen, lock)
             try:
-                return cls(f, header, writable, backing=backing, **cache)
+                return cls(f, header, writable, backing=backing, **options)
             except BaseException:
                 if backing is not None:
                     backing.close()
@@ -138,19 +139,19 @@ class Image:
 
     @classmethod
     def open_file(cls, f: HostFile, writable: bool = False, backing: Layer | None = None,
-                  **cache) -> "Image":
+                  **options) -> "Image":
         """Open over an already open HostFile (or a substitute with the same methods,
         e.g. a recording layer in tests); an image with a backing file needs its
         `backing` layer given.  The caller keeps `f` if this raises."""
-        _, header = cls._read_header(f)
+        header = cls._read_header(f)
         if header.backing_file is not None and backing is None:
             raise UnsupportedError(f"image names backing file {header.backing_file}: open it with Image.open")
-        return cls(f, header, writable, backing=backing, **cache)
+        return cls(f, header, writable, backing=backing, **options)
 
     @classmethod
-    def _read_header(cls, f: HostFile) -> tuple[bytes, Header]:
-        head = f.pread(0, min(f.size(), 1 << MAX_CLUSTER_BITS))
-        return head, Header.parse(head, f.size())
+    def _read_header(cls, f: HostFile) -> Header:
+        size = f.size()
+        return Header.parse(f.pread(0, min(size, 1 << MAX_CLUSTER_BITS)), size)
 
     @staticmethod
     def _refuse_unsupported(h: Header, writable: bool) -> None:
