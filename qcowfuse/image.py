@@ -27,7 +27,7 @@ from .locking import lock_image
 from .qcow2.allocator import Allocator
 from .qcow2.compressed import CompressedDescriptor, decompress
 from .qcow2.header import (
-    INCOMPAT_CORRUPT, INCOMPAT_DIRTY, INCOMPAT_EXTL2, MAX_CLUSTER_BITS,
+    INCOMPAT_CORRUPT, INCOMPAT_DIRTY, MAX_CLUSTER_BITS,
     OFF_AUTOCLEAR_FEATURES, OFF_INCOMPATIBLE_FEATURES, Header)
 from .qcow2.refcounts import RefcountStore
 from .qcow2.snapshots import find_snapshot, read_snapshot_table
@@ -155,9 +155,6 @@ class Image:
 
     @staticmethod
     def _refuse_unsupported(h: Header, writable: bool) -> None:
-        if writable and h.incompatible_features & INCOMPAT_EXTL2:
-            raise UnsupportedError("images with extended L2 entries (subclusters) can only be mounted "
-                                   "read-only (-o ro)")
         if writable and h.incompatible_features & INCOMPAT_CORRUPT:
             raise UnsupportedError("image is marked corrupt: mount it read-only (-o ro), or repair it "
                                    "with 'qemu-img check -r all' first")
@@ -451,6 +448,9 @@ class Image:
         length = len(view)
         cb, cs = self.cluster_bits, self.cluster_size
         self._prepare_for_write()
+        if self.header.extended_l2:
+            self._write_subclusters(offset, view)
+            return
         pos = 0
         while pos < length:
             voff = offset + pos
@@ -504,6 +504,81 @@ class Image:
                     table[l2i + k] = ((first + k) << cb) | QCOW_OFLAG_COPIED
                     self._release(old)
                 self.l2.mark_dirty(self._l2_offset(l1i))
+            pos += n
+        if self.l2.over_budget:
+            self.flush()
+
+    # -- extended L2: subclusters (docs/interop/qcow2.rst, "Extended L2 Entries") --------
+
+    def _subcluster_content(self, entry: int, bitmap: int, guest_cluster: int, start: int, end: int) -> bytes:
+        """Bytes [start, end) of a guest cluster as an extended L2 entry describes them:
+        allocated subclusters from the host cluster, zero ones as zeros, the rest from
+        the backing file (or zeros)."""
+        if entry & QCOW_OFLAG_COMPRESSED:
+            return self._compressed(entry)[start:end]
+        sc_bits = self.cluster_bits - 5
+        host = entry & L2E_OFFSET_MASK
+        base = guest_cluster << self.cluster_bits
+        out = bytearray(end - start)
+        for sub in range(start >> sc_bits, ((end - 1) >> sc_bits) + 1):
+            a, b = max(start, sub << sc_bits), min(end, (sub + 1) << sc_bits)
+            if bitmap >> sub & 1:
+                out[a - start:b - start] = self.f.pread(host + a, b - a)
+            elif not bitmap >> (32 + sub) & 1 and self.backing is not None:
+                out[a - start:b - start] = self._backing_read(base + a, b - a)
+        return bytes(out)
+
+    def _write_subclusters(self, offset: int, view: memoryview) -> None:
+        """Writes on an image with extended L2 entries, one cluster at a time.  A
+        cluster this layer owns is written in place; otherwise a new host cluster is
+        allocated, and only the subclusters written are marked allocated (the rest keep
+        reading from below), except when replacing compressed or shared data, which is
+        copied whole.  Partially written subclusters are filled from their old content."""
+        cb, cs = self.cluster_bits, self.cluster_size
+        sc_bits = cb - 5
+        length = len(view)
+        pos = 0
+        while pos < length:
+            voff = offset + pos
+            g = voff >> cb
+            in_cl = voff & (cs - 1)
+            n = min(cs - in_cl, length - pos)
+            l1i, idx = g >> self.l2_bits, 2 * (g & (self.l2_entries - 1))
+            table = self._l2_for_write(l1i)
+            entry, bitmap = table[idx], table[idx + 1]
+            first_sc, last_sc = in_cl >> sc_bits, (in_cl + n - 1) >> sc_bits
+            touched = ((1 << (last_sc + 1)) - 1) & ~((1 << first_sc) - 1)
+            start, end = first_sc << sc_bits, (last_sc + 1) << sc_bits
+            host = entry & L2E_OFFSET_MASK
+            compressed = bool(entry & QCOW_OFLAG_COMPRESSED)
+            owned = bool(host) and not compressed and (
+                bool(entry & QCOW_OFLAG_COPIED) or self.rc.get(host >> cb) == 1)
+            if owned:
+                self._host_check(host, "data cluster")
+                self._check_data_target(host >> cb, 1)
+                buf = bytearray(self._subcluster_content(entry, bitmap, g, start, end))
+                buf[in_cl - start:in_cl - start + n] = view[pos:pos + n]
+                self.f.pwrite(host + start, buf)
+                new_bitmap = (bitmap | touched) & ~(touched << 32)
+                new_host = host
+            else:
+                new_host = self.alloc.alloc() << cb
+                self._check_fresh(new_host >> cb, 1)
+                if compressed or host:  # replace compressed or shared data: copy it whole
+                    buf = bytearray(self._subcluster_content(entry, bitmap, g, 0, cs))
+                    buf[in_cl:in_cl + n] = view[pos:pos + n]
+                    self.f.pwrite(new_host, buf)
+                    new_bitmap = 0xFFFFFFFF
+                    self._release(entry)
+                else:
+                    buf = bytearray(self._subcluster_content(entry, bitmap, g, start, end))
+                    buf[in_cl - start:in_cl - start + n] = view[pos:pos + n]
+                    self.f.pwrite(new_host + start, buf)
+                    self.f.extend_to(new_host + cs)
+                    new_bitmap = (bitmap & ~(touched << 32) & 0xFFFFFFFF00000000) | touched
+            table[idx] = new_host | QCOW_OFLAG_COPIED
+            table[idx + 1] = new_bitmap
+            self.l2.mark_dirty(self._l2_offset(l1i))
             pos += n
         if self.l2.over_budget:
             self.flush()

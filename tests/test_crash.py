@@ -413,6 +413,7 @@ POWER_LOSS_GEOMETRIES = [
     (512, 16, "0.10", 2 << 20, 250, 30, "unmap"),  # v2: zeros become unallocated
     (4096, 16, "1.1", 4 << 20, 200, 40, "backing"),  # copy-on-write from a backing file
     (512, 16, "1.1", 2 << 20, 250, 30, "tinycache"),  # L2 / refcount caches evict, flush midway
+    (16384, 16, "1.1", 4 << 20, 200, 40, "extl2"),  # subclusters: partial-subcluster copy-on-write
 ]
 
 
@@ -429,7 +430,8 @@ def test_power_loss_at_any_point(tmp_path, cs, rb, compat, size, n_ops, n_cuts, 
         path = qemu.create(tmp_path / "t.qcow2", size, cs, rb, compat,
                            extra=f"backing_file={backing},backing_fmt=qcow2")
     else:
-        path = qemu.create(tmp_path / "t.qcow2", size, cs, rb, compat)
+        path = qemu.create(tmp_path / "t.qcow2", size, cs, rb, compat,
+                           extra="extended_l2=on" if variant == "extl2" else "")
         _prefill(path, cs, rb, compat)
     cache = {"l2_cache_bytes": 4 * cs, "refcount_cache_bytes": 8 * cs} if variant == "tinycache" else {}
     w = _run_workload(path, cs, size, rnd, n_ops,

@@ -118,8 +118,10 @@ def test_snapshots_are_never_changed(tmp_path, mount, cs):
 
 
 @pytest.mark.parametrize("with_backing", [False, True])
-def test_extended_l2_read_only(tmp_path, mount, with_backing):
-    """Subclusters (cluster/32): allocated, zero and unallocated ones in one cluster."""
+def test_extended_l2_subclusters(tmp_path, mount, with_backing):
+    """Subclusters (cluster/32): allocated, zero and unallocated ones in one cluster,
+    read against qemu-img convert, then written (partial subclusters, compressed and
+    snapshot-shared clusters) against a model."""
     if with_backing:
         base = tmp_path / "base.raw"
         base.write_bytes(random.Random(4).randbytes(8 * MiB))
@@ -130,11 +132,19 @@ def test_extended_l2_read_only(tmp_path, mount, with_backing):
         img = qemu.create(tmp_path / "x.qcow2", 8 * MiB, extra="extended_l2=on")
     qemu.qemu_io(img, "write -P 0x91 2k 2k", "write -P 0x92 8k 6k", "write -z 20k 4k",
                  "write -P 0x93 1M 200k", "write -z 3M 64k", "write -c -P 0x94 4M 64k")
+    qemu.run("qemu-img", "snapshot", "-c", "s1", str(img))
+    snap = snapshot_raw(img, "s1", tmp_path / "s1.raw")
     expect = qemu.convert_to_raw(img, tmp_path / "expect.raw").read_bytes()
-    with mount(img, tmp_path / "raw", "-o", "ro") as (raw, _):
+    with mount(img, tmp_path / "ro", "-o", "ro") as (raw, _):
         assert raw.read_bytes() == expect
-    assert_refused([str(img), str(tmp_path / "mp")], "extended L2 entries (subclusters) can only be mounted "
-                   "read-only", img)
+    model = bytearray(expect)
+    with mount(img, tmp_path / "raw") as (raw, _):
+        random_writes(raw, model, seed=8, count=150, sizes=(1, 100, 2048, 3000, 4096, 65536, 70001))
+        assert raw.read_bytes() == bytes(model)
+    (tmp_path / "model.raw").write_bytes(model)
+    qemu.assert_clean(img)
+    qemu.compare_raw(img, tmp_path / "model.raw")
+    assert snapshot_raw(img, "s1", tmp_path / "s1.after.raw") == snap
 
 
 def test_write_into_preallocated_zero_cluster_reuses_it(tmp_path):
