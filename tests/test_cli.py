@@ -73,12 +73,18 @@ def test_empty_file(tmp_path):
     (24, ">Q", 1 << 50, "L1 table too small"),
     (40, ">Q", 0x10000, "overlaps"),
     (8, ">QI", (0x100, 2000), "backing file name too long"),
-    (72, ">Q", 1 << 4, "extended L2"),
 ])
 def test_bad_headers(tmp_path, image, offset, fmt, value, fragment):
     values = value if isinstance(value, tuple) else (value,)
     patch(image, offset, fmt, *values)
     assert_refused([str(image), str(tmp_path / "mp")], fragment, image, tmp_path / "mp")
+
+
+def test_extended_l2_with_small_clusters(tmp_path):
+    image = qemu.create(tmp_path / "small.qcow2", 16 << 20, cluster_size=4096)
+    patch(image, 72, ">Q", 1 << 4)
+    assert_refused([str(image), str(tmp_path / "mp")], "extended L2 entries need clusters of at least",
+                   image, tmp_path / "mp")
 
 
 def test_header_extension_overrunning_the_cluster(tmp_path, image):
