@@ -684,12 +684,19 @@ def nobody(qcowfuse_bin) -> Iterator[Nobody]:
         shutil.rmtree(root, ignore_errors=True)
 
 
-def test_nobody_mounts_reads_writes_unmounts(nobody, qcowfuse_bin):
-    size = 16 << 20
+def nobody_image(nobody, size: int, *qemu_io_commands: str) -> Path:
+    """A qcow2 image in nobody's directory, owned by nobody."""
     img = nobody.dir / "disk.qcow2"
     qemu.create(img, size)
-    qemu.qemu_io(img, "write -P 0x2e 0 64k")
+    if qemu_io_commands:
+        qemu.qemu_io(img, *qemu_io_commands)
     os.chown(img, NOBODY, NOBODY)
+    return img
+
+
+def test_nobody_mounts_reads_writes_unmounts(nobody, qcowfuse_bin):
+    size = 16 << 20
+    img = nobody_image(nobody, size, "write -P 0x2e 0 64k")
     mp = nobody.file("raw")
     pidfile = nobody.dir / "qcowfuse.pid"
     data = nobody.file("data", b"\xa5" * (256 << 10))
@@ -731,9 +738,7 @@ def test_nobody_mounts_reads_writes_unmounts(nobody, qcowfuse_bin):
 @pytest.mark.parametrize("fg", [False, True], ids=["daemon", "foreground"])
 def test_nobody_allow_other_without_user_allow_other(nobody, qcowfuse_bin, fg):
     """One clear line naming user_allow_other and /etc/fuse.conf, non-zero exit, nothing left."""
-    img = nobody.dir / "disk.qcow2"
-    qemu.create(img, 8 << 20)
-    os.chown(img, NOBODY, NOBODY)
+    img = nobody_image(nobody, 8 << 20)
     before = img.read_bytes()
     mp = nobody.dir / "raw"  # missing: must not be left behind
     with fuse_conf(user_allow_other=False):
@@ -757,10 +762,7 @@ def test_nobody_allow_other_without_user_allow_other(nobody, qcowfuse_bin, fg):
 
 def test_nobody_allow_other_with_user_allow_other(nobody, qcowfuse_bin):
     size = 8 << 20
-    img = nobody.dir / "disk.qcow2"
-    qemu.create(img, size)
-    qemu.qemu_io(img, "write -P 0x71 0 4k")
-    os.chown(img, NOBODY, NOBODY)
+    img = nobody_image(nobody, size, "write -P 0x71 0 4k")
     mp = nobody.file("raw")
     pidfile = nobody.dir / "qcowfuse.pid"
     with fuse_conf(user_allow_other=True):
@@ -783,9 +785,7 @@ def test_nobody_allow_other_with_user_allow_other(nobody, qcowfuse_bin):
 
 def test_nobody_without_access_to_dev_fuse(nobody, qcowfuse_bin):
     """/dev/fuse 0600 (no udev): a clear one-line reason, not "fuse_session_mount failed"."""
-    img = nobody.dir / "disk.qcow2"
-    qemu.create(img, 8 << 20)
-    os.chown(img, NOBODY, NOBODY)
+    img = nobody_image(nobody, 8 << 20)
     mp = nobody.dir / "raw"
     with dev_fuse_mode(0o600):
         try:
