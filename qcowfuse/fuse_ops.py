@@ -122,7 +122,7 @@ class RawFileOperations(pyfuse3.Operations):
     async def read(self, fh: int, off: int, size: int) -> bytes:
         try:
             return self.image.read(off, size)
-        except QcowError as e:
+        except (QcowError, OSError) as e:
             raise _errno_for(e, "read", off, size) from None
 
     async def write(self, fh: int, off: int, buf: bytes) -> int:
@@ -132,20 +132,14 @@ class RawFileOperations(pyfuse3.Operations):
             buf = memoryview(buf)[: self.image.size - off]  # short write up to the end
         try:
             return self.image.write(off, buf)
-        except QcowError as e:
+        except (QcowError, OSError) as e:
             raise _errno_for(e, "write", off, len(buf)) from None
-        except OSError as e:
-            log.error("write of %d bytes at %d failed: %s", len(buf), off, e.strerror)
-            raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
 
     async def _flush(self) -> None:
         try:
             self.image.flush()
-        except QcowError as e:
+        except (QcowError, OSError) as e:
             raise _errno_for(e, "flush", 0, 0) from None
-        except OSError as e:
-            log.error("flush failed: %s", e.strerror)
-            raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
 
     async def fsync(self, fh: int, datasync: bool) -> None:
         await self._flush()
@@ -157,7 +151,12 @@ class RawFileOperations(pyfuse3.Operations):
         pass
 
 
-def _errno_for(e: QcowError, op: str, off: int, size: int) -> pyfuse3.FUSEError:
+def _errno_for(e: QcowError | OSError, op: str, off: int, size: int) -> pyfuse3.FUSEError:
+    """One log line and the errno for the kernel: host errors (ENOSPC...) pass through,
+    engine errors are EIO (EROFS for a read-only image)."""
+    if isinstance(e, OSError):
+        log.error("%s of %d bytes at %d failed: %s", op, size, off, e.strerror)
+        return pyfuse3.FUSEError(e.errno or errno.EIO)
     if isinstance(e, ReadOnlyError):
         return pyfuse3.FUSEError(errno.EROFS)
     if isinstance(e, CorruptError):

@@ -157,7 +157,7 @@ class Image:
     def _refuse_unsupported(h: Header, writable: bool) -> None:
         if writable and h.incompatible_features & INCOMPAT_CORRUPT:
             raise UnsupportedError("image is marked corrupt: mount it read-only (-o ro), or repair it "
-                                   "with 'qemu-img check -r all' first")
+                                   "with 'qcowfuse check --repair all' first")
 
     # -- mapping --------------------------------------------------------------
 
@@ -367,10 +367,10 @@ class Image:
             if c and c << self.cluster_bits >= end:
                 raise CorruptError(f"{what} at cluster {c} lies past the end of the image file")
             if self.rc.get(c) == 0:
-                if self.rc._block(c // self.rc.entries_per_block) is None:
+                if self.rc.block(c // self.rc.entries_per_block) is None:
                     raise UnsupportedError(
                         f"{what} at cluster {c} has no refcount block: repair the image "
-                        f"with 'qemu-img check -r all' first")
+                        f"with 'qcowfuse check --repair all' first")
                 self.rc.add(c, 1)
                 healed.append(f"{what} {c}")
         if healed:

@@ -220,7 +220,7 @@ class Checker:
             lo, hi = b * epb, min(n, (b + 1) * epb)
             used = counts[lo:hi]
             try:
-                block = rc._block(b)
+                block = rc.block(b)
             except QcowError as e:
                 report.messages.append(f"Can't get refcounts of clusters {lo}-{hi - 1}: {e}")
                 report.check_errors += 1

@@ -109,7 +109,7 @@ class RefcountStore:
 
     # -- reading ------------------------------------------------------------
 
-    def _block(self, b: int) -> array.array | None:
+    def block(self, b: int) -> array.array | None:
         """Values of refcount block `b`, or None if the table has no block for it."""
         values = self.blocks.get(b)
         if values is not None:
@@ -130,7 +130,7 @@ class RefcountStore:
 
     def get(self, cluster: int) -> int:
         b, i = divmod(cluster, self.entries_per_block)
-        values = self._block(b)
+        values = self.block(b)
         return values[i] if values is not None else 0
 
     def next_free(self, start: int) -> int:
@@ -139,7 +139,7 @@ class RefcountStore:
         c = start
         while True:
             b, i = divmod(c, epb)
-            values = self._block(b)
+            values = self.block(b)
             if values is None:
                 return c
             try:
@@ -156,7 +156,7 @@ class RefcountStore:
             k, end = c, c + count
             while k < end:
                 b, i = divmod(k, epb)
-                values = self._block(b)
+                values = self.block(b)
                 if values is None:  # no block: all free
                     k = (b + 1) * epb
                     continue
@@ -189,7 +189,7 @@ class RefcountStore:
     def ensure_block(self, b: int) -> array.array:
         """Values of block `b`, allocating it (and growing the table) if it does not exist."""
         while True:
-            values = self._block(b)
+            values = self.block(b)
             if values is not None:
                 return values
             if b >= len(self.table):
@@ -204,7 +204,7 @@ class RefcountStore:
         values = self.codec.zeros()
         if bx == b:
             values[x % self.entries_per_block] = 1  # the block describes itself
-        elif self._block(bx) is None:
+        elif self.block(bx) is None:
             # x is described by a block that does not exist yet: create that one first
             # (it may well take x itself), then let the caller try again.
             self.ensure_block(bx)
