@@ -28,6 +28,7 @@ from typing import Iterator
 import pytest
 
 import qemu
+from cli_helpers import assert_one_line_error
 
 BIN_DIR = Path(sys.executable).parent
 QCOWFUSE_BIN = BIN_DIR / "qcowfuse"
@@ -750,12 +751,7 @@ def test_nobody_allow_other_without_user_allow_other(nobody, qcowfuse_bin, fg):
             kill_holders(img)
     err = r.stderr.decode()
     print(f"qcowfuse said (exit {r.returncode}): {err!r}")
-    assert r.returncode != 0
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("qcowfuse: ")
-    assert "user_allow_other" in lines[0] and "/etc/fuse.conf" in lines[0], lines[0]
-    assert "Traceback" not in err
+    assert_one_line_error(r.returncode, err, "user_allow_other", "/etc/fuse.conf")
     assert not mp.exists()
     assert img.read_bytes() == before
 
@@ -795,8 +791,5 @@ def test_nobody_without_access_to_dev_fuse(nobody, qcowfuse_bin):
             kill_holders(img)
     err = r.stderr.decode()
     print(f"qcowfuse said (exit {r.returncode}): {err!r}")
-    assert r.returncode != 0
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("qcowfuse: "), err
-    assert "/dev/fuse" in lines[0], lines[0]
+    assert_one_line_error(r.returncode, err, "/dev/fuse")
     assert not mp.exists()
