@@ -81,10 +81,16 @@ def mount():
 
 
 @pytest.fixture(autouse=True, scope="session")
-def _no_leftover_mounts():
+def _no_leftover_mounts(tmp_path_factory):
+    """Every mount this session made must be gone at its end.  Mounts inside another
+    pytest run's temporary tree (a second suite running beside this one) are theirs."""
     before = fuse_mounts()
+    ours = str(tmp_path_factory.getbasetemp())
     yield
-    left = fuse_mounts() - before
+
+    def mine(mp: str) -> bool:
+        return mp.startswith(ours) or "/pytest-of-" not in mp and "/pytest-" not in mp
+    left = {mp for mp in fuse_mounts() - before if mine(mp)}
     for mp in left:
         subprocess.run(["fusermount3", "-uz", mp], capture_output=True)
     assert not left, f"tests left FUSE mounts behind: {left}"
