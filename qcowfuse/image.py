@@ -25,9 +25,10 @@ from .backing import Layer, file_identity, open_backing
 from .hostfile import HostFile
 from .locking import lock_image
 from .qcow2.allocator import Allocator
+from .qcow2.bitmaps import Bitmaps
 from .qcow2.compressed import CompressedDescriptor, decompress
 from .qcow2.header import (
-    INCOMPAT_CORRUPT, INCOMPAT_DIRTY, MAX_CLUSTER_BITS,
+    AUTOCLEAR_BITMAPS, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, MAX_CLUSTER_BITS,
     OFF_AUTOCLEAR_FEATURES, OFF_INCOMPATIBLE_FEATURES, Header)
 from .qcow2.refcounts import RefcountStore
 from .qcow2.snapshots import find_snapshot, read_snapshot_table
@@ -91,6 +92,16 @@ class Image:
         self.l2 = L2Cache(f, self.cluster_size, l2_cache_bytes)
         self.rc = RefcountStore(f, header, refcount_cache_bytes)
         self.alloc = Allocator(self.rc)
+        # persistent dirty bitmaps; check opens (repair=True) report bad ones instead
+        self.bitmaps: Bitmaps | None = None
+        self.bitmap_error: str | None = None
+        if Bitmaps.present(header):
+            try:
+                self.bitmaps = Bitmaps(f, header, header.size)
+            except FormatError as e:
+                if not repair:
+                    raise
+                self.bitmap_error = str(e)
         self._prepared = False
         self._corrupt = False
         self._l1_generation = 0
@@ -303,10 +314,13 @@ class Image:
             self._repair_dirty()
         self._check_metadata_refcounts()
         h = self.header
-        if h.version >= 3 and h.autoclear_features:
-            h.autoclear_features = 0  # bitmaps (bit 0) become stale once we write
-            self.f.pwrite(OFF_AUTOCLEAR_FEATURES, struct.pack(">Q", 0))
+        keep = AUTOCLEAR_BITMAPS if self.bitmaps is not None else 0  # the bits we maintain
+        if h.version >= 3 and h.autoclear_features & ~keep:
+            h.autoclear_features &= keep
+            self.f.pwrite(OFF_AUTOCLEAR_FEATURES, struct.pack(">Q", h.autoclear_features))
             self.f.sync()
+        if self.bitmaps is not None:
+            self.bitmaps.begin_writing(self.alloc.alloc_contiguous)
         self._prepared = True
 
     def _repair_dirty(self) -> None:
@@ -338,6 +352,8 @@ class Image:
         for snap in self.snapshots:
             first = snap.l1_table_offset >> cb
             out += [("snapshot L1 table", first + i) for i in range(-(-snap.l1_size * 8 // cs))]
+        if self.bitmaps is not None:
+            out += list(self.bitmaps.clusters())
         return out
 
     def _metadata_set(self) -> frozenset[int]:
@@ -448,6 +464,8 @@ class Image:
         length = len(view)
         cb, cs = self.cluster_bits, self.cluster_size
         self._prepare_for_write()
+        if self.bitmaps is not None:  # the one place a guest range is committed
+            self.bitmaps.mark(offset, length)
         if self.header.extended_l2:
             self._write_subclusters(offset, view)
             return
@@ -679,6 +697,8 @@ class Image:
         if self.f.fd < 0:
             return
         try:
+            if self.bitmaps is not None and self.writable and not self._corrupt:
+                self.bitmaps.store(self.alloc.free_later, self.flush)
             self.flush()
         finally:
             self.f.close()

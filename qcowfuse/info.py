@@ -77,6 +77,7 @@ def image_info(path: str) -> dict:
             "backing-chain": chain,
             "snapshots": snapshots,
             "features": _feature_names(img),
+            "bitmaps": img.bitmaps.info() if img.bitmaps is not None else [],
             "dirty": bool(h.incompatible_features & INCOMPAT_DIRTY),
             "corrupt": bool(h.incompatible_features & INCOMPAT_CORRUPT),
         }

@@ -40,6 +40,22 @@ class Allocator:
             rc.free_hint = start + count
             return start, count
 
+    def alloc_contiguous(self, count: int) -> int:
+        """Exactly `count` contiguous clusters (for tables that must not be split);
+        returns the first index."""
+        rc = self.rc
+        epb = rc.entries_per_block
+        while True:
+            start = rc.free_run(count)
+            generation = rc.generation
+            for b in range(start // epb, (start + count - 1) // epb + 1):
+                rc.ensure_block(b)
+            if rc.generation != generation:
+                continue  # new refcount blocks may sit inside the candidate run
+            for c in range(start, start + count):
+                rc.add(c, 1)
+            return start
+
     def alloc(self) -> int:
         """One cluster (for an L2 table); returns its cluster index."""
         return self.alloc_run(1)[0]

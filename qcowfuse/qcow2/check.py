@@ -23,7 +23,7 @@ from typing import Callable
 from ..errors import FormatError, QcowError, UnsupportedError
 from .allocator import Allocator
 from .compressed import CompressedDescriptor
-from .header import EXT_BITMAPS, MAX_REFTABLE_BYTES, OFF_REFCOUNT_TABLE
+from .header import MAX_REFTABLE_BYTES, OFF_REFCOUNT_TABLE
 from .refcounts import RefcountStore
 from .tables import (
     L1E_OFFSET_MASK, L2E_OFFSET_MASK, QCOW_OFLAG_COPIED, ClusterType, classify, decode_table,
@@ -86,6 +86,8 @@ class Checker:
         # references may point past the end of the file (counted, as qemu-img does), but
         # not so far that counting them would need unbounded memory
         self.max_clusters = (self.f.size() >> self.cb) + (1 << 20)
+        # structures whose clusters could not all be counted: repair would guess
+        self.unaccounted: list[str] = []
 
     # -- counting references ----------------------------------------------------
 
@@ -153,6 +155,26 @@ class Checker:
                                                f"L2 entry corrupted.")
                         report.corruptions += 1
 
+    def _count_bitmaps(self, counts: array.array, report: CheckReport) -> None:
+        """Directory, tables and data clusters of persistent bitmaps (QEMU's
+        qcow2_check_bitmaps_refcounts).  A directory that cannot be read is a
+        corruption that no repair may touch: its clusters cannot be accounted for."""
+        img = self.img
+        if img.bitmap_error is not None:
+            report.messages.append(f"ERROR bitmaps: {img.bitmap_error}")
+            report.corruptions += 1
+            self.unaccounted.append(f"persistent bitmaps ({img.bitmap_error})")
+            return
+        if img.bitmaps is None:
+            return
+        errors: list[str] = []
+        for ref in img.bitmaps.references(errors):
+            self._inc(counts, report, ref.offset, ref.length)
+        report.messages += errors
+        report.corruptions += len(errors)
+        if errors:
+            self.unaccounted.append("persistent bitmap tables with invalid entries")
+
     def count_references(self, report: CheckReport, include_refcount_structures: bool = True
                          ) -> tuple[array.array, bool]:
         """Used count of every host cluster, and whether the refcount structures are
@@ -167,9 +189,7 @@ class Checker:
         for snap in img.snapshots:
             self._count_l1(counts, report, snap.l1_table_offset, snap.l1_size, active=False)
         self._inc(counts, report, h.snapshots_offset, img.snapshot_table_bytes)
-        if any(t == EXT_BITMAPS for t, _ in h.extensions):
-            report.messages.append("ERROR: persistent bitmaps are not supported by this check")
-            report.check_errors += 1
+        self._count_bitmaps(counts, report)
         rebuild = False
         if not include_refcount_structures:
             return counts, rebuild
@@ -350,6 +370,10 @@ class Checker:
                                    "(use qemu-img check)")
         report = CheckReport(img.f.path, total_clusters=-(-img.size // self.cs))
         counts, rebuild = self.count_references(report)
+        if repair is not None and self.unaccounted:
+            raise UnsupportedError(
+                f"refusing to repair: cannot account for the clusters of {self.unaccounted[0]}; "
+                f"'qcowfuse check' without --repair reports what it found")
         pre_compare = (report.corruptions, report.messages[:])
         under = self.compare(counts, report, fix_leaks=False)
         if repair == "all" and (under or rebuild):

@@ -98,6 +98,8 @@ class Header:
     backing_format: str | None = None
     feature_names: dict[tuple[str, int], str] = field(default_factory=dict)
     extensions: list[tuple[int, bytes]] = field(default_factory=list)
+    # where each extension's data starts in cluster 0 (for in-place updates)
+    extension_offsets: dict[int, int] = field(default_factory=dict)
 
     @property
     def cluster_size(self) -> int:
@@ -115,6 +117,10 @@ class Header:
     def l2_bits(self) -> int:
         """log2 of entries per L2 table (64-bit entries, or 128-bit with extended L2)."""
         return self.cluster_bits - (4 if self.extended_l2 else 3)
+
+    def extension(self, ext_type: int) -> bytes | None:
+        """The data of the first extension of this type, or None."""
+        return next((data for t, data in self.extensions if t == ext_type), None)
 
     def feature_name(self, kind: str, bit: int) -> str:
         return self.feature_names.get((kind, bit)) or FEATURE_NAMES.get((kind, bit)) or f"bit {bit}"
@@ -225,6 +231,7 @@ class Header:
                 raise FormatError(f"header extension {ext_type:#x} overruns the first cluster")
             data = bytes(cluster0[pos + 8:data_end])
             self.extensions.append((ext_type, data))
+            self.extension_offsets.setdefault(ext_type, pos + 8)
             if ext_type == EXT_BACKING_FORMAT:
                 self.backing_format = data.decode("utf-8", "replace")
             elif ext_type == EXT_FEATURE_TABLE:
