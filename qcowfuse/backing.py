@@ -9,6 +9,7 @@ that reaches a file twice is a loop and is refused, as is a missing file.
 from __future__ import annotations
 
 import os
+import stat
 from typing import Protocol
 
 from .errors import FormatError, QcowError, UnsupportedError
@@ -36,7 +37,7 @@ class RawLayer:
         try:
             if lock:
                 lock_image(self.fd, False, path)
-            self.size = os.fstat(self.fd).st_size
+            self.size = os.lseek(self.fd, 0, os.SEEK_END)  # block devices too
         except BaseException:
             os.close(self.fd)
             raise
@@ -71,17 +72,24 @@ def probe_format(path: str) -> str:
 
 
 def open_backing(name: str, fmt: str | None, referrer: str, seen: frozenset[tuple[int, int]],
-                 lock: bool) -> Layer:
-    """Open the backing file `name` that image `referrer` names, and its own chain."""
+                 lock: bool, chosen: bool = False) -> Layer:
+    """Open the backing file `name` that image `referrer` names, and its own chain.
+
+    A name taken from an image must be a regular file: an image that names a device,
+    a FIFO or a socket is refused (a hostile image could otherwise show any device to
+    whoever reads the raw view).  `chosen`: the user named this path (-o backing=PATH),
+    which may also be a block device."""
     if len(seen) >= MAX_CHAIN_DEPTH:
         raise FormatError(f"backing chain of {referrer} is deeper than {MAX_CHAIN_DEPTH}")
     if not name:
         raise FormatError(f"{referrer} names an empty backing file")
-    path = resolve(name, referrer)
+    path = os.path.abspath(name) if chosen else resolve(name, referrer)
     if not os.path.exists(path):
         raise QcowError(f"backing file not found: {path} (named by {referrer})")
-    if not os.path.isfile(path):
-        raise QcowError(f"backing file {path} (named by {referrer}) is not a regular file")
+    st = os.stat(path)
+    if stat.S_ISDIR(st.st_mode) or not (stat.S_ISREG(st.st_mode) or chosen and stat.S_ISBLK(st.st_mode)):
+        raise QcowError(f"backing file {path} (named by {referrer}) is not a regular file"
+                        + ("" if chosen else "; name it with -o backing=PATH if you mean it"))
     try:
         return _open_layer(path, fmt, referrer, seen, lock)
     except OSError as e:

@@ -79,6 +79,8 @@ def parse_mount_options(values: list[str], opts: MountOptions) -> None:
                 opts.force_share = True
             elif name == "snapshot" and arg:
                 opts.snapshot = arg
+            elif name == "backing" and arg:
+                opts.backing = arg
             elif name in ("detect-zeroes", "detect_zeroes") and arg in ("off", "on", "unmap"):
                 opts.detect_zeroes = arg
             elif name in ("l2-cache-size", "l2_cache_size") and arg:
@@ -104,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mount options: ro, rw (default), allow_other, debug (implies -f), "
                         "direct_io, force-share (with ro: no image locks, like qemu-img -U), "
                         "snapshot=NAME (an internal snapshot, read-only), "
+                        "backing=off (open no backing file: what the image lacks reads as zeros; "
+                        "with ro) or backing=PATH (use PATH, which may be a block device, instead of "
+                        "the backing file the image names), "
                         "detect-zeroes=off|on|unmap (whole zero clusters become zero clusters; "
                         "unmap also frees their space), l2-cache-size=SIZE (default 16M), "
                         "refcount-cache-size=SIZE (default 8M); "

@@ -41,6 +41,7 @@ class MountOptions:
     l2_cache_size: int = DEFAULT_L2_CACHE_BYTES
     refcount_cache_size: int = DEFAULT_REFCOUNT_CACHE_BYTES
     pidfile: str | None = None
+    backing: str | None = None  # "off", or a path overriding the header's backing file
     extra_fuse_options: list[str] = field(default_factory=list)
 
 
@@ -117,7 +118,7 @@ def mount(opts: MountOptions) -> int:
     if opts.snapshot is not None:
         opts.read_only = True  # a snapshot is never changed
     image = Image.open(image_path, writable=not opts.read_only, lock=not opts.force_share,
-                       snapshot=opts.snapshot, detect_zeroes=opts.detect_zeroes,
+                       backing=opts.backing, snapshot=opts.snapshot, detect_zeroes=opts.detect_zeroes,
                        l2_cache_bytes=opts.l2_cache_size, refcount_cache_bytes=opts.refcount_cache_size)
     target = None
     try:

@@ -117,11 +117,15 @@ class Image:
 
     @classmethod
     def open(cls, path: str, writable: bool = False, lock: bool = True,
-             _seen: frozenset[tuple[int, int]] = frozenset(), **options) -> "Image":
+             backing: str | None = None, _seen: frozenset[tuple[int, int]] = frozenset(),
+             **options) -> "Image":
         """Open and validate, with the backing chain; nothing is written to the file
         until the first write.
 
         lock: take QEMU's lock bytes (see locking.py); False is QEMU's force-share.
+        backing: None follows the header; "off" opens no backing file (what this layer
+        lacks reads as zeros; read-only, since copy-on-write would fill from zeros);
+        any other value is the path of the backing file to use instead of the header's.
         options: snapshot, repair, detect_zeroes, l2_cache_bytes, refcount_cache_bytes.
         """
         try:
@@ -134,10 +138,18 @@ class Image:
             if lock:
                 lock_image(f.fd, writable, path)
             header = cls._read_header(f)
-            backing = None
-            if header.backing_file is not None:
+            layer = None
+            if backing == "off":
+                if writable and header.backing_file is not None:
+                    raise UnsupportedError("-o backing=off needs a read-only mount (-o ro): writes "
+                                           "would copy zeros where the backing file has data")
+            elif backing is not None and header.backing_file is None:
+                raise UnsupportedError(f"-o backing={backing}: {path} has no backing file")
+            elif header.backing_file is not None:
                 seen = _seen | {file_identity(path)}
-                backing = open_backing(header.backing_file, header.backing_format, path, seen, lock)
+                layer = open_backing(backing or header.backing_file, header.backing_format, path,
+                                     seen, lock, chosen=backing is not None)
+            backing = layer
             try:
                 return cls(f, header, writable, backing=backing, **options)
             except BaseException:
