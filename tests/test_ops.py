@@ -455,6 +455,21 @@ def test_sd_notify_absent_socket_is_harmless(tmp_path, qcowfuse_bin):
     qemu.assert_clean(img)
 
 
+def test_relative_pidfile_lands_in_the_callers_directory(tmp_path, qcowfuse_bin):
+    """`--pidfile p` names p in the caller's cwd, though the daemon runs in /."""
+    img = qemu.create(tmp_path / "disk.qcow2", 8 << 20)
+    mp = tmp_path / "raw"
+    with cleanup(img, mp):
+        r = subprocess.run([str(qcowfuse_bin), "disk.qcow2", "raw", "--pidfile", "p"], cwd=tmp_path,
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        (pid,) = holders(img)
+        assert (tmp_path / "p").read_text() == f"{pid}\n"
+        subprocess.run(["fusermount3", "-u", str(mp)], check=True, timeout=30)
+        wait_exit([pid])
+    assert not (tmp_path / "p").exists()  # removed at exit, from the same place
+
+
 # -- c: mount(8), fstab, mount.fuse3 ---------------------------------------------
 #
 # mount(8) runs the helper /sbin/mount.fuse (-> mount.fuse3) with PATH removed
