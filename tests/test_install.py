@@ -2,7 +2,8 @@
 
 - root: `scripts/install` (a venv, /usr/local/bin/qcowfuse, the systemd unit, the man
   page), here into a temporary prefix: idempotent, and `--uninstall` leaves nothing;
-- users: plain `pip install .` in a fresh venv, no test extras: zstd images must read;
+- users: plain `pip install .` in a fresh venv, no test extras, and `pipx install .`:
+  zstd images must read;
 - Debian's packages (python3-pyfuse3, -trio, -zstandard, -numpy) in a venv with
   --system-site-packages plus `pip install --no-deps .`: no compiler, a smoke subset.
 
@@ -126,6 +127,16 @@ def test_plain_pip_install_reads_zstd_images(tmp_path, clone, zstd_image):
     venv = new_venv(tmp_path / "venv")
     pip(venv, clone)
     assert_reads_as(venv / "bin" / "qcowfuse", *zstd_image, tmp_path)
+
+
+def test_pipx_install(tmp_path, clone, zstd_image):
+    """README's `pipx install .`, with pipx's own directories in tmp_path."""
+    pipx = shutil.which("pipx")
+    if pipx is None:
+        pytest.skip("pipx not installed (apt-get install pipx)")
+    env = dict(os.environ, PIPX_HOME=str(tmp_path / "pipx"), PIPX_BIN_DIR=str(tmp_path / "bin"))
+    run(pipx, "install", clone, env=env)
+    assert_reads_as(tmp_path / "bin" / "qcowfuse", *zstd_image, tmp_path)
 
 
 # -- Debian's packages -----------------------------------------------------------------------
