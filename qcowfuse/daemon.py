@@ -117,6 +117,8 @@ def mount(opts: MountOptions) -> int:
         raise MountError("force-share needs a read-only mount (-o ro,force-share)")
     if opts.snapshot is not None:
         opts.read_only = True  # a snapshot is never changed
+    if opts.pidfile:
+        opts.pidfile = os.path.abspath(opts.pidfile)  # the daemon chdirs to / before writing it
     image = Image.open(image_path, writable=not opts.read_only, lock=not opts.force_share,
                        backing=opts.backing, snapshot=opts.snapshot, detect_zeroes=opts.detect_zeroes,
                        l2_cache_bytes=opts.l2_cache_size, refcount_cache_bytes=opts.refcount_cache_size)

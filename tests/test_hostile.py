@@ -14,6 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import qemu
+from cli_helpers import assert_refused
+from conftest import fuse_mounts, unmount
 from qcowfuse import Image, QcowError
 from qcowfuse.qcow2.check import Checker
 
@@ -192,3 +194,76 @@ class _Factory:
 
     def mktemp(self, name: str) -> Path:
         return self.path
+
+
+# -- QEMU iotest 080 (qcow2 format input validation): the same header and snapshot
+# table values poked into the same kind of image (64 MiB, 64 KiB clusters, compat
+# 1.1).  QEMU is the referee: `qemu-img info` refuses every image but the last three,
+# which it opens and `qemu-img check` calls corrupt (the two snapshot L1 values are
+# refused by QEMU only when that snapshot is used; the snapshot table past EOF reads
+# as zeros there).  qcowfuse refuses all of them at open, in one `qcowfuse:` line.
+
+HDR = 104  # iotest 080's header_size: where it pokes its "extension"
+SNAP1 = 0x70000  # the first snapshot table entry once `qemu-img snapshot -c` ran
+IOTEST_080 = [
+    # id, [(file offset, bytes)], setup before poking, qcowfuse's words, QEMU's verdict
+    ("huge-header-size", [(100, "ffffffff")], None, "invalid header_length", "info"),
+    ("huge-header-size-7f", [(100, "7fffffff")], None, "invalid header_length", "info"),
+    ("huge-ext-backing-offset", [(8, "ffffffffffffffff"), (HDR, "12345678"), (HDR + 4, "7fffffff")],
+     None, "backing file name lies outside", "info"),
+    ("huge-ext-backing-at-ext", [(8, "000000000000006c"), (HDR, "12345678"), (HDR + 4, "7fffffff")],
+     None, "unknown compression type", "info"),
+    ("huge-ext", [(HDR, "12345678"), (HDR + 4, "7fffffff")], None, "unknown compression type", "info"),
+    ("huge-reftable-size", [(56, "ffffffff")], None, "refcount table too large", "info"),
+    ("huge-reftable-size-20001", [(56, "00020001")], None, "refcount table too large", "info"),
+    ("misaligned-reftable", [(48, "1234567890abcdef")], None, "refcount table offset", "info"),
+    ("huge-reftable-offset", [(48, "ffffffffffff0000"), (56, "0000007f")], None,
+     "refcount table at 0xffffffffffff0000 lies beyond", "info"),
+    ("nb-snapshots-ffffffff", [(60, "ffffffff")], None, "too many snapshots", "info"),
+    ("nb-snapshots-7fffffff", [(60, "7fffffff")], None, "too many snapshots", "info"),
+    ("huge-snapshot-offset", [(64, "ffffffffffff0000"), (60, "0000ffff")], None,
+     "snapshot table offset 0xffffffffffff0000 is invalid", "info"),
+    ("misaligned-snapshot-offset-nb0", [(64, "1234567890abcdef"), (60, "00000000")], None,
+     "snapshot table offset 0x1234567890abcdef is invalid", "info"),
+    ("l1-size-ffffffff", [(36, "ffffffff")], None, "L1 table too large", "info"),
+    ("l1-size-7fffffff", [(36, "7fffffff")], None, "L1 table too large", "info"),
+    ("huge-l1-offset", [(40, "7fffffffffff0000"), (36, "0000ffff")], None,
+     "L1 table at 0x7fffffffffff0000 lies beyond", "info"),
+    ("misaligned-l1-offset", [(40, "1234567890abcdef"), (36, "00000001")], None,
+     "L1 table offset 0x1234567890abcdef is not cluster aligned", "info"),
+    ("l1-size-0-with-snapshot", [(36, "00000000")], "snapshot", "L1 table too small", "info"),
+    ("huge-backing-name", [(8, "0000000000001000"), (16, "ffffffff")], None,
+     "backing file name too long", "info"),
+    ("snapshot-l1-offset", [(SNAP1, "0000000000400200")], "write+snapshot",
+     "snapshot 'test' has an invalid L1 table", "check"),
+    ("snapshot-l1-size", [(SNAP1 + 8, "10000000")], "write+snapshot",
+     "snapshot 'test' has an invalid L1 table", "check"),
+    ("snapshot-table-past-eof", [(64, "0000000001000000"), (60, "00010000")], None,
+     "snapshot table at 0x1000000 lies beyond the end of the file", "check"),
+]
+
+
+@pytest.mark.parametrize("pokes,setup,fragment,verdict", [c[1:] for c in IOTEST_080],
+                         ids=[c[0] for c in IOTEST_080])
+def test_iotest_080_values_refused(tmp_path, pokes, setup, fragment, verdict):
+    img = qemu.create(tmp_path / "t.qcow2", 64 * MiB)
+    if setup == "write+snapshot":
+        qemu.qemu_io(img, "write 0 512")
+    if setup:
+        qemu.run("qemu-img", "snapshot", "-c", "test", str(img))
+    with open(img, "r+b") as fh:
+        for off, value in pokes:
+            fh.seek(off)
+            fh.write(bytes.fromhex(value))
+    info = qemu.run("qemu-img", "info", str(img), check=False)
+    if verdict == "info":
+        assert info.returncode != 0, "QEMU opens this image: the case is not what iotest 080 says"
+    else:
+        assert info.returncode == 0, info.stderr
+        assert qemu.check(img)["rc"] == 2, "qemu-img check must call this image corrupt"
+    mp = tmp_path / "mp"
+    try:
+        assert_refused([str(img), str(mp), "-o", "ro"], fragment, img, mp)
+    finally:
+        if str(mp) in fuse_mounts():
+            unmount(mp, None)

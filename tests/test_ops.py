@@ -455,12 +455,28 @@ def test_sd_notify_absent_socket_is_harmless(tmp_path, qcowfuse_bin):
     qemu.assert_clean(img)
 
 
+def test_relative_pidfile_lands_in_the_callers_directory(tmp_path, qcowfuse_bin):
+    """`--pidfile p` names p in the caller's cwd, though the daemon runs in /."""
+    img = qemu.create(tmp_path / "disk.qcow2", 8 << 20)
+    mp = tmp_path / "raw"
+    with cleanup(img, mp):
+        r = subprocess.run([str(qcowfuse_bin), "disk.qcow2", "raw", "--pidfile", "p"], cwd=tmp_path,
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        (pid,) = holders(img)
+        assert (tmp_path / "p").read_text() == f"{pid}\n"
+        subprocess.run(["fusermount3", "-u", str(mp)], check=True, timeout=30)
+        wait_exit([pid])
+    assert not (tmp_path / "p").exists()  # removed at exit, from the same place
+
+
 # -- c: mount(8), fstab, mount.fuse3 ---------------------------------------------
 #
 # mount(8) runs the helper /sbin/mount.fuse (-> mount.fuse3) with PATH removed
 # from the environment; mount.fuse3 runs `/bin/sh -c 'qcowfuse IMAGE MP -o OPTS'`,
 # so for `-t fuse.qcowfuse` the program must be in the shell's default path
-# (/usr/local/bin, /usr/bin, ...).  The tests do not install anything there:
+# (/usr/local/bin, /usr/bin, ...).  The fstab test mounts through the
+# /usr/local/bin/qcowfuse that scripts/install puts there; the others use the venv's:
 #   "mount"       mount(8) -t fuse 'PROGRAM#IMAGE' (mount.fuse3's form naming the
 #                 program), PROGRAM = the qcowfuse under test;
 #   "mount.fuse3" the exact command mount(8) runs for -t fuse.qcowfuse, with the
@@ -544,21 +560,55 @@ def daemon_options(image: Path) -> list[str]:
     return [argv[i + 1].decode() for i, a in enumerate(argv[:-1]) if a == b"-o"]
 
 
-def test_fstab_line_with_generic_options(tmp_path, qcowfuse_bin):
-    """`mount MP` with an fstab line: mount(8) drops defaults, mount.fuse3 drops nofail and
-    _netdev and adds dev,suid; qcowfuse must accept whatever is left."""
+SYSTEM_HOME = Path("/opt/qcowfuse")  # scripts/install's defaults
+SYSTEM_MANIFEST = SYSTEM_HOME / "installed-files"
+
+
+@pytest.fixture
+def system_install() -> Iterator[Path]:
+    """qcowfuse installed by scripts/install where fstab finds it (/usr/local/bin).
+    Suites in other checkouts may do the same at once: a lock serialises them.  An
+    install that was there before is updated and left; one made here is removed."""
+    import fcntl
+    repo = Path(__file__).resolve().parent.parent
+    with open("/tmp/qcowfuse-system-install.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        had_install = SYSTEM_MANIFEST.exists()
+        if os.path.lexists(UNIT_QCOWFUSE) and not had_install:
+            pytest.skip(f"{UNIT_QCOWFUSE} exists but was not installed by scripts/install")
+        env = {k: v for k, v in os.environ.items() if not k.startswith("QCOWFUSE_")}
+        r = subprocess.run([str(repo / "scripts" / "install")], env=env, capture_output=True, text=True,
+                           timeout=600)
+        try:
+            assert r.returncode == 0, r.stdout + r.stderr
+            yield Path(UNIT_QCOWFUSE)
+        finally:
+            if not had_install:
+                subprocess.run([str(repo / "scripts" / "install"), "--uninstall"], env=env,
+                               capture_output=True, timeout=120)
+
+
+def test_fstab_line_with_generic_options(tmp_path, system_install):
+    """`mount MP` with an fstab line of type fuse.qcowfuse, run with no PATH at all:
+    mount.fuse3's shell must find /usr/local/bin/qcowfuse as scripts/install left it.
+    mount(8) drops defaults, mount.fuse3 drops nofail and _netdev and adds dev,suid;
+    qcowfuse must accept whatever is left."""
     size = 16 << 20
     img = qemu.create(tmp_path / "disk.qcow2", size)
     qemu.qemu_io(img, "write -P 0x11 0 64k")
     before = img.read_bytes()
     mp = tmp_path / "raw"
     fstab = tmp_path / "fstab"
-    fstab.write_text(f"# test fstab\n{qcowfuse_bin}#{img}  {mp}  fuse  {FSTAB_OPTIONS}  0 0\n")
+    fstab.write_text(f"# test fstab\n{img}  {mp}  fuse.qcowfuse  {FSTAB_OPTIONS}  0 0\n")
+    mount_bin = which("mount")
     with cleanup(img, mp):
-        r = subprocess.run(["mount", "--fstab", str(fstab), str(mp)], capture_output=True, text=True,
-                           timeout=60)
+        r = subprocess.run([mount_bin, "--fstab", str(fstab), str(mp)], env={}, capture_output=True,
+                           text=True, timeout=60)
         assert r.returncode == 0, r.stdout + r.stderr
         assert_live(mp, size, ro=True)
+        (pid,) = holders(img)
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        assert argv[1].decode() == str(system_install), argv  # python3 /usr/local/bin/qcowfuse ...
         passed = ",".join(daemon_options(img)).split(",")
         print("options reaching qcowfuse from fstab:", passed)
         assert "ro" in passed

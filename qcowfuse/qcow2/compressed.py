@@ -11,7 +11,9 @@ from __future__ import annotations
 import zlib
 from dataclasses import dataclass
 
-from ..errors import CorruptError, UnsupportedError
+import zstandard
+
+from ..errors import CorruptError
 from .header import COMPRESSION_ZSTD
 
 SECTOR = 512
@@ -44,18 +46,10 @@ class CompressedDescriptor:
 def decompress(data: bytes, cluster_size: int, compression_type: int) -> bytes:
     try:
         if compression_type == COMPRESSION_ZSTD:
-            try:
-                import zstandard
-            except ImportError:
-                raise UnsupportedError("zstd-compressed image: install the 'zstandard' package") from None
             out = zstandard.ZstdDecompressor().decompressobj().decompress(data)
         else:
             out = zlib.decompressobj(-12).decompress(data, cluster_size)
-    except (zlib.error, ValueError) as e:
-        raise CorruptError(f"compressed cluster does not decompress: {e}") from None
-    except Exception as e:  # zstandard.ZstdError and friends
-        if isinstance(e, UnsupportedError):
-            raise
+    except (zlib.error, zstandard.ZstdError, ValueError) as e:
         raise CorruptError(f"compressed cluster does not decompress: {e}") from None
     if len(out) < cluster_size:
         raise CorruptError("compressed cluster decompresses to less than a cluster")

@@ -31,6 +31,12 @@ MAX_BACKING_FILE_SIZE = 1023
 # QEMU's limits (block/qcow2.h): QCOW_MAX_L1_SIZE, QCOW_MAX_REFTABLE_SIZE.
 MAX_L1_BYTES = 32 * 1024 * 1024
 MAX_REFTABLE_BYTES = 8 * 1024 * 1024
+# QCOW_MAX_SNAPSHOTS, and sizeof(QCowSnapshotHeader): the fixed part of a snapshot
+# table entry, so nb_snapshots entries take at least this many bytes each.
+MAX_SNAPSHOTS = 65536
+SNAPSHOT_ENTRY_FIXED_BYTES = 40
+# QEMU passes table offsets on as int64_t and refuses those whose end passes INT64_MAX.
+INT64_MAX = (1 << 63) - 1
 # Offsets must fit in the 56-bit host offset field of table entries.
 MAX_HOST_OFFSET = 1 << 56
 
@@ -190,8 +196,16 @@ class Header:
             raise FormatError(f"refcount table too large ({self.refcount_table_clusters} clusters)")
         self._check_table("refcount table", self.refcount_table_offset,
                           self.refcount_table_clusters * cs, file_size)
+        # Snapshot table: QEMU checks the count and the offset whatever the count
+        # (qcow2_do_open), the table's total size when it reads the entries.
+        if self.nb_snapshots > MAX_SNAPSHOTS:
+            raise FormatError(f"too many snapshots ({self.nb_snapshots}; at most {MAX_SNAPSHOTS})")
+        snapshot_bytes = self.nb_snapshots * SNAPSHOT_ENTRY_FIXED_BYTES
+        if self.snapshots_offset % cs or self.snapshots_offset > INT64_MAX - snapshot_bytes:
+            raise FormatError(f"snapshot table offset {self.snapshots_offset:#x} is invalid "
+                              f"(not cluster aligned or too large)")
         if self.nb_snapshots:
-            self._check_table("snapshot table", self.snapshots_offset, 1, file_size)
+            self._check_table("snapshot table", self.snapshots_offset, snapshot_bytes, file_size)
         spans = [("header", 0, cs),
                  ("refcount table", self.refcount_table_offset, self.refcount_table_clusters * cs)]
         if self.l1_size:
