@@ -265,7 +265,7 @@ def test_man_page_renders_and_covers_the_parser():
     assert names <= described, names - described
     for name in described:
         opts = cli.MountOptions(image="i", mountpoint="m")
-        cli.parse_mount_options([name + {"snapshot": "=s", "detect-zeroes": "=on",
+        cli.parse_mount_options([name + {"snapshot": "=s", "detect-zeroes": "=on", "backing": "=off",
                                          "l2-cache-size": "=1M", "refcount-cache-size": "=1M"}.get(name, "")],
                                 opts)
     exit_status = text.split("\nEXIT STATUS\n")[1].split("\nFILES\n")[0]
