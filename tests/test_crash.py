@@ -630,7 +630,12 @@ def _scenario(name: str, tmp: Path) -> Scenario:
         # one table cluster holds 64 entries: 64 blocks of 64 clusters = 2 MiB of file
         off = _fill_until(p, lambda img: img.rc.next_free(img.rc.free_hint)
                           >= len(img.rc.table) * epb - 8, 4096)
-        return Scenario(p, [(off, b"\x93" * 8192)])
+        return Scenario(p, [(off, b"\x93" * 8192)])  # the new table lands in the last block
+    if name == "reftable-grow-new-block":
+        # single-cluster allocations from just below the table's reach: one starts exactly
+        # at it, so the grown table lands where no block exists and needs a block of its own
+        _fill_until(p, lambda img: img.rc.next_free(img.rc.free_hint) >= len(img.rc.table) * epb - 3, 512)
+        return Scenario(p, [(6 << 20, b"\x96" * 512), (7 << 20, b"\x97" * 512)])
     raise ValueError(name)
 
 
@@ -677,7 +682,8 @@ def _cut_every_epoch(tmp: Path, initial: bytes, log: list, first: int, judge,
 
 FLUSH_STEP_SCENARIOS = ["fresh", "inplace", "zero-alloc-reuse", "cow-backing", "compressed",
                         "snapshot", "unmap", "on", "v2", "extl2", "refblock-own",
-                        "refblock-other", "refblock-pair", "reftable-grow"]
+                        "refblock-other", "refblock-pair", "reftable-grow",
+                        "reftable-grow-new-block"]
 
 
 @pytest.mark.parametrize("name", FLUSH_STEP_SCENARIOS)
@@ -711,7 +717,7 @@ def test_power_cut_inside_every_flush_step(tmp_path, name):
             base.close()
     if name.startswith("refblock"):
         assert blocks_after > blocks_before, "the writes allocated no refcount block"
-    if name == "reftable-grow":
+    if name.startswith("reftable-grow"):
         assert grew, "the refcount table did not grow"
     qemu.assert_clean(sc.path) if name != "unmap" else _check_not_corrupt(sc.path)
     assert _guest_raw(sc.path) == bytes(model), "flushed image differs from the model"
