@@ -224,3 +224,29 @@ def test_unmount_helper_cleans_up_after_failed_body(tmp_path, mount):
         with mount(img, mp):
             raise RuntimeError("test body failed")
     assert str(mp) not in fuse_mounts()
+
+
+def test_debug_option_stays_in_foreground_with_fuse_debug_output(tmp_path):
+    """-o debug: FUSE's request log on stderr, and -f implied (the command runs until
+    the unmount, then exits 0)."""
+    img = qemu.create(tmp_path / "disk.qcow2", 4 << 20)
+    mp = tmp_path / "raw"
+    proc = subprocess.Popen([sys.executable, "-m", "qcowfuse", str(img), str(mp), "-o", "debug"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 20
+        while str(mp) not in fuse_mounts():
+            assert proc.poll() is None, f"exited {proc.returncode} before mounting"
+            assert time.monotonic() < deadline, "never mounted"
+            time.sleep(0.05)
+        assert proc.poll() is None  # still in the foreground while mounted
+        assert mp.read_bytes()[:4] == bytes(4)
+    finally:
+        unmount(mp, None)
+        try:
+            err = proc.communicate(timeout=20)[1]
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            err = proc.communicate()[1]
+    assert proc.returncode == 0, err[-2000:]
+    assert "opcode: INIT" in err and "opcode: READ" in err
