@@ -701,9 +701,8 @@ def test_power_cut_inside_every_flush_step(tmp_path, name):
     writes = []
     table_at = img.header.refcount_table_offset
     blocks_before = sum(1 for b in img.rc.table if b)
+    first = len(rec.log)  # nothing written yet
     try:
-        img._prepare_for_write()  # header housekeeping: not what this test is about
-        first = len(rec.log)
         for off, data in sc.writes:
             writes.append(GuestWrite(len(rec.log), off, data))
             img.write(off, data)
@@ -712,14 +711,12 @@ def test_power_cut_inside_every_flush_step(tmp_path, name):
         grew = img.header.refcount_table_offset != table_at
         blocks_after = sum(1 for b in img.rc.table if b)
     finally:
-        img.close()
-        if base is not None:
-            base.close()
+        img.close()  # and its backing layer
     if name.startswith("refblock"):
         assert blocks_after > blocks_before, "the writes allocated no refcount block"
     if name.startswith("reftable-grow"):
         assert grew, "the refcount table did not grow"
-    qemu.assert_clean(sc.path) if name != "unmap" else _check_not_corrupt(sc.path)
+    qemu.assert_clean(sc.path)
     assert _guest_raw(sc.path) == bytes(model), "flushed image differs from the model"
 
     def judge(crash_path: Path, info: dict, got: bytes) -> str | None:
