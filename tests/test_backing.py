@@ -102,7 +102,8 @@ def test_backing_loop(tmp_path, depth):
 def test_backing_files_are_opened_read_only_and_share_locked(tmp_path, mount):
     top, lower = make_chain(tmp_path)
     with mount(top, tmp_path / "raw"):
-        r = qemu.run("qemu-io", "-f", "raw", "-c", "write 0 4k", str(lower[0]), check=False)
-        assert r.returncode != 0 and "lock" in r.stderr
-        r = qemu.run("qemu-io", "-f", "raw", "-r", "-c", "read 0 4k", str(lower[0]), check=False)
-        assert r.returncode == 0
+        for path, fmt in zip(lower, ("raw", "qcow2")):  # every layer below, raw and qcow2
+            r = qemu.run("qemu-io", "-f", fmt, "-c", "write 0 4k", str(path), check=False)
+            assert r.returncode != 0 and "lock" in r.stderr
+            r = qemu.run("qemu-io", "-f", fmt, "-r", "-c", "read 0 4k", str(path), check=False)
+            assert r.returncode == 0, r.stderr

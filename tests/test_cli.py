@@ -73,11 +73,49 @@ def test_empty_file(tmp_path):
     (24, ">Q", 1 << 50, "L1 table too small"),
     (40, ">Q", 0x10000, "overlaps"),
     (8, ">QI", (0x100, 2000), "backing file name too long"),
+    (100, ">I", 50, "invalid header_length"),
+    (100, ">I", 108, "invalid header_length"),  # not a multiple of 8
+    (24, ">Q", 1 << 57, f"virtual size {1 << 57} is too large"),
+    (56, ">I", 0, "no refcount table"),
+    (56, ">I", 200, "refcount table too large"),  # 12.5 MiB > QEMU's 8 MiB
 ])
 def test_bad_headers(tmp_path, image, offset, fmt, value, fragment):
     values = value if isinstance(value, tuple) else (value,)
     patch(image, offset, fmt, *values)
     assert_refused([str(image), str(tmp_path / "mp")], fragment, image, tmp_path / "mp")
+
+
+def test_bad_backing_names(tmp_path, image):
+    """A backing name must lie inside cluster 0 and hold no NUL byte."""
+    patch(image, 8, ">QI", 65000, 1000)
+    assert_refused([str(image), str(tmp_path / "mp")], "outside the first cluster", image)
+    patch(image, 8, ">QI", 4000, 8)  # zeros there
+    assert_refused([str(image), str(tmp_path / "mp")], "NUL byte", image)
+
+
+def test_unknown_compression_type(tmp_path, image):
+    assert struct.unpack_from(">I", image.read_bytes(), 100)[0] >= 105  # has the field
+    patch(image, 104, ">B", 5)
+    assert_refused([str(image), str(tmp_path / "mp")], "unknown compression type 5", image)
+
+
+def test_unknown_incompatible_bit_named_from_feature_table(tmp_path, image):
+    """QEMU's feature table (extension 0x6803f857, 48-byte entries) names bits; an
+    unknown incompatible bit is refused by that name."""
+    data = image.read_bytes()
+    assert struct.unpack_from(">I", data, 112)[0] == 0x6803f857
+    assert data[120:122] == b"\0\0"  # first entry: incompatible bit 0
+    patch(image, 121, ">B", 20)
+    patch(image, 122, "46s", b"frobnicate")
+    patch(image, 72, ">Q", 1 << 20)
+    assert_refused([str(image), str(tmp_path / "mp")], "unknown incompatible features: frobnicate", image)
+
+
+def test_file_shorter_than_a_cluster(tmp_path, image):
+    data = image.read_bytes()
+    short = tmp_path / "short.qcow2"
+    short.write_bytes(data[:60000])  # the header says 64 KiB clusters
+    assert_refused([str(short), str(tmp_path / "mp")], "shorter than one cluster", short)
 
 
 def test_extended_l2_with_small_clusters(tmp_path):

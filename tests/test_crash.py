@@ -13,6 +13,10 @@ fine), and guest content is read with `qemu-img convert`, never with our reader.
    completed `Image.flush()` must read back; a byte written after it may hold
    its flushed value or any value written since.  A self-check shows the
    harness catches an engine whose syncs order nothing.
+   Then each write path on its own (fresh, in place, reuse of a zero-flagged
+   cluster, COW from a backing file / compressed / snapshot-shared clusters,
+   detect-zeroes, v2, extended L2, new refcount blocks in both branches, table
+   growth) and `check --repair all`: every subset of every epoch's writes.
 2. SIGKILL of the daemon while a client writes and fsyncs through the mount:
    every 4 KiB block whose write completed before the last successful fsync
    reads back; every other block holds old or newly written data.
@@ -29,6 +33,7 @@ from __future__ import annotations
 
 import bisect
 import errno
+import hashlib
 import os
 import random
 import signal
@@ -45,6 +50,7 @@ import qemu
 from conftest import _pid_alive
 from qcowfuse import Image
 from qcowfuse.hostfile import HostFile
+from qcowfuse.qcow2.check import Checker
 
 SEED = int(os.environ.get("QCOWFUSE_CRASH_SEED", "20240606"))
 SECTOR = 512
@@ -499,6 +505,270 @@ def test_harness_catches_missing_barriers(tmp_path):
                        or _verify_guest(got, flushed, at_cut, since))
     print(f"\nharness self-check: {caught} of {len(cuts)} crash images of a barrier-less engine caught")
     assert caught, "the harness did not notice an engine without write barriers"
+
+
+# -- part 1b: every cut inside one write and its flush, for every write path --------------
+#
+# The random workload above rarely isolates a path: a flush epoch that only reuses a
+# zero-flagged cluster (data, sync, L2, sync: no refcount change to hide a missing sync)
+# almost never happens there.  Here each scenario prepares an image with QEMU, then
+# does a few writes and one flush through the recording layer.  The log is split into
+# epochs (the writes between two syncs); for each epoch every subset of its writes
+# (all of them for up to 7 writes, else singles, all-but-one, prefixes and random
+# subsets) is put on top of what the earlier syncs made durable.  Each such crash image
+# must pass qemu-img check (leaks allowed) and read, through qemu-img convert, every
+# byte as it was before the writes or as the writes made it.
+
+def _epochs(log: list) -> list[tuple[int, int]]:
+    """(first, end) log index ranges of the pwrites between consecutive syncs."""
+    out, start = [], 0
+    for i, e in enumerate(log + [None]):
+        if e is None:
+            if i > start:
+                out.append((start, i))
+            start = i + 1
+    return out
+
+
+def _subsets(n: int, rnd: random.Random, limit: int = 40) -> list[tuple[int, ...]]:
+    if (1 << n) - 1 <= 4 * limit:  # every subset (up to 7 writes at the default limit)
+        return [tuple(i for i in range(n) if mask >> i & 1) for mask in range(1, 1 << n)]
+    picks = {tuple(range(k)) for k in range(1, n + 1)}  # prefixes: a cut anywhere, in order
+    picks |= {(i,) for i in range(n)}
+    picks |= {tuple(j for j in range(n) if j != i) for i in range(n)}
+    while len(picks) < limit + 3 * n:
+        picks.add(tuple(i for i in range(n) if rnd.random() < 0.5) or (0,))
+    return sorted(picks)
+
+
+@dataclass
+class Scenario:
+    """A prepared image and the writes to replay over it (detect-zeroes mode, backing)."""
+    path: Path
+    writes: list[tuple[int, bytes]]
+    detect_zeroes: str = "off"
+    backing: Path | None = None
+    snapshot: str | None = None  # must read unchanged in every crash image
+
+
+def _fill_until(path: Path, stop, step: int) -> int:
+    """Sequential writes (of `step` bytes, through the engine) until stop(img) holds;
+    returns the guest offset reached."""
+    off = 0
+    with Image.open(str(path), writable=True) as img:
+        while not stop(img):
+            img.write(off, bytes([off // step % 200 + 1]) * step)
+            off += step
+    return off
+
+
+def _scenario(name: str, tmp: Path) -> Scenario:
+    p = tmp / f"{name}.qcow2"
+    k = 1024
+    if name == "fresh":
+        qemu.create(p, 4 << 20, 4096, 16)
+        return Scenario(p, [(10000, random.Random(1).randbytes(9000)), (1 << 20, b"\x7a" * 12288)])
+    if name == "inplace":
+        qemu.create(p, 4 << 20, 4096, 16)
+        qemu.qemu_io(p, "write -P 0x41 0 64k")
+        return Scenario(p, [(5000, b"\x42" * 10000)])
+    if name == "zero-alloc-reuse":
+        # zero flag over host clusters that keep stale bytes: reuse writes data, then L2
+        qemu.create(p, 4 << 20, 4096, 16)
+        qemu.qemu_io(p, "write -P 0x5a 0 64k", "write -z 0 64k")
+        return Scenario(p, [(8192 + 100, b"\x33" * 1000), (5 * 4096, b"\x34" * 4096)])
+    if name == "cow-backing":
+        base = qemu.create(tmp / "base.qcow2", 4 << 20, 65536, 16)
+        qemu.qemu_io(base, "write -P 0x31 0 1M")
+        qemu.create(p, 4 << 20, 4096, 16, extra=f"backing_file={base},backing_fmt=qcow2")
+        return Scenario(p, [(4096 + 300, b"\x32" * 9000)], backing=base)
+    if name == "compressed":
+        qemu.create(p, 4 << 20, 4096, 16)
+        qemu.qemu_io(p, "write -c -P 0x22 0 16k", "write -P 0x23 16k 16k")
+        return Scenario(p, [(5000, b"\x24" * 100), (8192, b"\x25" * 8192)])
+    if name == "snapshot":
+        qemu.create(p, 4 << 20, 4096, 16)
+        qemu.qemu_io(p, "write -P 0x51 0 64k")
+        qemu.run("qemu-img", "snapshot", "-c", "s1", str(p))
+        return Scenario(p, [(4096 + 100, b"\x52" * 5000), (40 * k, b"\x53" * 4096)], snapshot="s1")
+    if name == "unmap":
+        qemu.create(p, 4 << 20, 4096, 16)
+        qemu.qemu_io(p, "write -P 0x61 0 64k")
+        return Scenario(p, [(8192, bytes(8192)), (4096 + 7, bytes(3000))], detect_zeroes="unmap")
+    if name == "on":
+        qemu.create(p, 4 << 20, 4096, 16)
+        qemu.qemu_io(p, "write -P 0x62 0 64k")
+        return Scenario(p, [(8192, bytes(8192)), (8192, b"\x63" * 4096)], detect_zeroes="on")
+    if name == "v2":
+        qemu.create(p, 2 << 20, 512, 16, "0.10")
+        qemu.qemu_io(p, "write -P 0x71 0 8k")
+        return Scenario(p, [(700, b"\x72" * 2000), (64 * k, b"\x73" * 1500)])
+    if name == "extl2":
+        qemu.create(p, 4 << 20, 16384, 16, extra="extended_l2=on")
+        qemu.qemu_io(p, "write -P 0x81 0 16k")
+        return Scenario(p, [(16384 + 1000, b"\x82" * 700), (600, b"\x83" * 300)])
+    # 512 B clusters, 64-bit refcounts: a refcount block covers 64 clusters (32 KiB of file)
+    qemu.create(p, 8 << 20, 512, 64)
+    epb = 64
+    if name == "refblock-own":
+        # the next free cluster is the first of a block range that has no block yet
+        off = _fill_until(p, lambda img: img.rc.next_free(img.rc.free_hint) % epb == 0
+                          and img.rc.next_free(img.rc.free_hint) > 2 * epb, 512)
+        return Scenario(p, [(off, b"\x91" * 512)])
+    if name == "refblock-pair":
+        # two new blocks between flushes, the second counted by the first: their table
+        # entries must reach the disk covering block first
+        off = _fill_until(p, lambda img: img.rc.next_free(img.rc.free_hint) % epb == 0
+                          and img.rc.next_free(img.rc.free_hint) > 2 * epb, 512)
+        return Scenario(p, [(off, b"\x94" * 512), (off + 512, b"\x95" * 512 * 80)])
+    if name == "refblock-other":
+        # a run that starts inside the last block and reaches into a range without one
+        off = _fill_until(p, lambda img: img.rc.next_free(img.rc.free_hint) % epb == epb - 3
+                          and img.rc.next_free(img.rc.free_hint) > 2 * epb, 512)
+        return Scenario(p, [(off, b"\x92" * 512 * 8)])
+    if name == "reftable-grow":
+        # one table cluster holds 64 entries: 64 blocks of 64 clusters = 2 MiB of file
+        off = _fill_until(p, lambda img: img.rc.next_free(img.rc.free_hint)
+                          >= len(img.rc.table) * epb - 8, 4096)
+        return Scenario(p, [(off, b"\x93" * 8192)])  # the new table lands in the last block
+    if name == "reftable-grow-new-block":
+        # single-cluster allocations from just below the table's reach: one starts exactly
+        # at it, so the grown table lands where no block exists and needs a block of its own
+        _fill_until(p, lambda img: img.rc.next_free(img.rc.free_hint) >= len(img.rc.table) * epb - 3, 512)
+        return Scenario(p, [(6 << 20, b"\x96" * 512), (7 << 20, b"\x97" * 512)])
+    raise ValueError(name)
+
+
+def _cut_every_epoch(tmp: Path, initial: bytes, log: list, first: int, judge,
+                     max_corruptions: int = 0, limit: int = 40) -> tuple[list[str], int, int]:
+    """Build the crash images of every epoch of log[first:] (see above) and judge each:
+    qemu-img check may find leaks and at most `max_corruptions` corruptions, and
+    judge(path, check info, guest bytes) returns None or why the image is bad.
+    Returns (failures, distinct images, epochs)."""
+    rnd = random.Random(SEED)
+    synced = bytearray(initial)
+    for e in log[:first]:
+        if e is not None:
+            _put(synced, *e)
+    seen: set[bytes] = set()
+    failures = []
+    crash_path = tmp / "crash.qcow2"
+    epochs = [(max(a, first), b) for a, b in _epochs(log) if b > first]
+    for a, b in epochs:
+        pending = log[a:b]
+        for subset in _subsets(len(pending), rnd, limit):
+            crash = bytearray(synced)
+            for i in subset:
+                _put(crash, *pending[i])
+            digest = hashlib.sha256(crash).digest()
+            if digest in seen:
+                continue
+            seen.add(digest)
+            crash_path.write_bytes(crash)
+            where = f"epoch log[{a}:{b}] kept writes {subset} of {len(pending)}"
+            info, got = _judge_crash_image(crash_path)
+            if info.get("corruptions", 0) > max_corruptions or info.get("check-errors", 0) \
+                    or info["rc"] not in (0, 2, 3) or (info["rc"] == 2 and not max_corruptions) \
+                    or got is None:
+                failures.append(f"{where}: qemu-img check: {_check_summary(info)}")
+                continue
+            why = judge(crash_path, info, got)
+            if why:
+                failures.append(f"{where}: {why}")
+        for e in pending:
+            _put(synced, *e)
+    return failures, len(seen), len(epochs)
+
+
+FLUSH_STEP_SCENARIOS = ["fresh", "inplace", "zero-alloc-reuse", "cow-backing", "compressed",
+                        "snapshot", "unmap", "on", "v2", "extl2", "refblock-own",
+                        "refblock-other", "refblock-pair", "reftable-grow",
+                        "reftable-grow-new-block"]
+
+
+@pytest.mark.parametrize("name", FLUSH_STEP_SCENARIOS)
+def test_power_cut_inside_every_flush_step(tmp_path, name):
+    sc = _scenario(name, tmp_path)
+    snap_before = None
+    if sc.snapshot:
+        snap_before = _snapshot_raw(sc.path, sc.snapshot)
+    initial = sc.path.read_bytes()
+    guest0 = _guest_raw(sc.path)
+    rec = RecordingFile(HostFile.open(str(sc.path), True))
+    base = Image.open(str(sc.backing), lock=False) if sc.backing else None
+    img = Image.open_file(rec, writable=True, backing=base, detect_zeroes=sc.detect_zeroes)
+    model = bytearray(guest0)
+    writes = []
+    table_at = img.header.refcount_table_offset
+    blocks_before = sum(1 for b in img.rc.table if b)
+    first = len(rec.log)  # nothing written yet
+    try:
+        for off, data in sc.writes:
+            writes.append(GuestWrite(len(rec.log), off, data))
+            img.write(off, data)
+            model[off:off + len(data)] = data
+        img.flush()
+        grew = img.header.refcount_table_offset != table_at
+        blocks_after = sum(1 for b in img.rc.table if b)
+    finally:
+        img.close()  # and its backing layer
+    if name.startswith("refblock"):
+        assert blocks_after > blocks_before, "the writes allocated no refcount block"
+    if name.startswith("reftable-grow"):
+        assert grew, "the refcount table did not grow"
+    qemu.assert_clean(sc.path)
+    assert _guest_raw(sc.path) == bytes(model), "flushed image differs from the model"
+
+    def judge(crash_path: Path, info: dict, got: bytes) -> str | None:
+        why = _verify_guest(got, bytearray(guest0), model, writes)
+        if why is None and snap_before is not None and _snapshot_raw(crash_path, sc.snapshot) != snap_before:
+            why = f"snapshot {sc.snapshot} changed"
+        return why
+
+    failures, n_images, epochs = _cut_every_epoch(tmp_path, initial, rec.log, first, judge)
+    print(f"\nflush steps {name}: log {len(rec.log) - first} entries, {epochs} epochs, "
+          f"{n_images} distinct crash images, {len(failures)} bad")
+    assert not failures, f"{name}: {len(failures)} crash images bad:\n" + "\n".join(failures[:6])
+
+
+def test_power_cut_during_repair(tmp_path):
+    """`check --repair all` of vmd's damage, cut at every step: the old refcount
+    structures stay in charge until the header switches to complete new ones, so a
+    crash image is never worse than the damaged image was, and no guest byte changes."""
+    from test_check import vmd_damaged
+
+    path = tmp_path / "vmd.qcow2"
+    vmd_damaged(path, data_mib=40)
+    before = qemu.check(path)
+    assert before["rc"] == 2 and before["corruptions"] >= 4
+    initial = path.read_bytes()
+    guest = _guest_raw(path)
+    rec = RecordingFile(HostFile.open(str(path), True))
+    img = Image.open_file(rec, writable=True, repair=True)
+    try:
+        report = Checker(img).run("all")
+    finally:
+        img.close()
+    assert report.rebuilt and report.corruptions == 0
+    qemu.assert_clean(path)
+    assert _guest_raw(path) == guest
+
+    def judge(_path: Path, info: dict, got: bytes) -> str | None:
+        return None if got == guest else "guest content changed"
+
+    failures, n_images, epochs = _cut_every_epoch(tmp_path, initial, rec.log, 0, judge,
+                                                  max_corruptions=before["corruptions"], limit=4)
+    print(f"\nrepair cut: log {len(rec.log)} entries, {epochs} epochs, {n_images} crash images, "
+          f"{len(failures)} bad")
+    assert not failures, f"{len(failures)} crash images bad:\n" + "\n".join(failures[:6])
+
+
+def _snapshot_raw(path: Path, name: str) -> bytes:
+    out = path.with_suffix(".snap.raw")
+    qemu.run("qemu-img", "convert", "-l", f"snapshot.name={name}", "-O", "raw", str(path), str(out))
+    data = out.read_bytes()
+    out.unlink()
+    return data
 
 
 # -- part 2: SIGKILL of the daemon --------------------------------------------------------

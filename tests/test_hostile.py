@@ -267,3 +267,49 @@ def test_iotest_080_values_refused(tmp_path, pokes, setup, fragment, verdict):
     finally:
         if str(mp) in fuse_mounts():
             unmount(mp, None)
+
+
+def test_allocation_never_lands_on_metadata(tmp_path, image):
+    """QEMU's overlap check: should a metadata cluster's refcount drop to 0 while the
+    image is open (the healing before the first write is the usual guard), the next
+    allocation must refuse it rather than write guest data over the table."""
+    img = Image.open(str(image), writable=True)
+    try:
+        img.write(0, b"\x12" * 512)  # first write: checks and heals, then in place
+        l2 = img.l1[0] & 0x00FFFFFFFFFFFE00
+        c = l2 >> img.cluster_bits
+        img.rc.add(c, -1)  # the L2 table now looks free: the lowest free cluster
+        assert img.rc.next_free(0) == c
+        before = image.read_bytes()[l2:l2 + 65536]
+        with pytest.raises(QcowError):
+            img.write(40 * 65536, b"\x13" * 65536)  # needs a new cluster, same L2 table
+    finally:
+        img.close()
+    assert image.read_bytes()[l2:l2 + 65536] == before
+    assert header_flags(image) & 2, "the corrupt bit must be set"
+
+
+def test_corrupt_table_through_mount_gives_eio_for_its_range_only(tmp_path, mount):
+    """An L1 entry pointing at an unaligned L2 table: reads of the guest range that
+    table maps get EIO through the mount; the rest is still served."""
+    l2_span = 65536 * 8192  # guest bytes one L2 table maps (64 KiB clusters)
+    img2 = qemu.create(tmp_path / "big.qcow2", 2 * l2_span)
+    qemu.qemu_io(img2, "write -P 0x11 0 1M", f"write -P 0x14 {l2_span} 1M")
+    data = bytearray(img2.read_bytes())
+    l1_off = struct.unpack_from(">Q", data, 40)[0]
+    l2 = struct.unpack_from(">Q", data, l1_off + 8)[0]
+    struct.pack_into(">Q", data, l1_off + 8, l2 + 4096)  # unaligned L2 table
+    img2.write_bytes(data)
+    with mount(img2, tmp_path / "raw", "-o", "ro") as (raw, pid):
+        fd = os.open(raw, os.O_RDONLY)
+        try:
+            with pytest.raises(OSError) as e:
+                os.pread(fd, 4096, l2_span)
+            assert e.value.errno == errno.EIO
+            assert os.pread(fd, 4096, 0) == b"\x11" * 4096  # the first table's range is served
+            with pytest.raises(OSError) as e:
+                os.pread(fd, 4096, l2_span + 65536)
+            assert e.value.errno == errno.EIO
+            assert os.pread(fd, 4096, 4096) == b"\x11" * 4096
+        finally:
+            os.close(fd)

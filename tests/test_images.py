@@ -158,3 +158,19 @@ def test_write_into_preallocated_zero_cluster_reuses_it(tmp_path):
     qemu.assert_clean(img)
     qemu.qemu_io(img, "read -P 0 0 100", "read -P 0x44 100 1000", "read -P 0 1100 195508",
                  "read -P 0x45 192k 64k", "read -P 0 256k 768k", read_only=True)
+
+
+def test_zero_cluster_shared_with_snapshot_is_not_reused(tmp_path):
+    """A zero-flagged cluster that kept its host cluster is reused in place only when
+    this layer owns it alone; shared with a snapshot (refcount 2) it is copied."""
+    img = qemu.create(tmp_path / "zs.qcow2", 4 * MiB)
+    qemu.qemu_io(img, "write -P 0x33 0 256k", "write -z 0 256k")  # zero flag, clusters kept
+    qemu.run("qemu-img", "snapshot", "-c", "s1", str(img))
+    before = snapshot_raw(img, "s1", tmp_path / "s1.raw")
+    with Image.open(str(img), writable=True) as im:
+        im.write(100, b"\x44" * 1000)
+        im.write(65536 * 2, b"\x45" * 65536)
+    qemu.assert_clean(img)
+    qemu.qemu_io(img, "read -P 0 0 100", "read -P 0x44 100 1000", "read -P 0 1100 129972",
+                 "read -P 0x45 128k 64k", "read -P 0 192k 64k", read_only=True)
+    assert snapshot_raw(img, "s1", tmp_path / "s1.after.raw") == before

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import errno
+import mmap
 import os
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
 import trio
 
 import qemu
-from conftest import fuse_mounts
+from conftest import fuse_mounts, unmount
 from workload import random_writes
 
 
@@ -90,21 +93,80 @@ def test_truncate_is_refused(tmp_path, mount):
     qemu.assert_clean(img)
 
 
+# Runs the CLI as a child subreaper: the daemon the CLI leaves behind is reparented to
+# this wrapper, so its exit status can be collected (the test process stays no subreaper).
+SIGNAL_WRAPPER = r"""
+import ctypes, os, subprocess, sys
+PR_SET_CHILD_SUBREAPER = 36
+assert ctypes.CDLL(None).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+image, mp, pidfile, sig = sys.argv[1:5]
+r = subprocess.run([sys.executable, "-m", "qcowfuse", image, mp, "--pidfile", pidfile])
+if r.returncode:
+    sys.exit(f"mount failed: {r.returncode}")
+pid = int(open(pidfile).read())
+with open(mp, "r+b") as fh:
+    fh.seek(5 << 20)
+    fh.write(b"\x66" * (1 << 20))
+os.kill(pid, int(sig))
+_, status = os.waitpid(pid, 0)
+print(os.waitstatus_to_exitcode(status))
+"""
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_signal_flushes_unmounts_and_exits(tmp_path, mount, sig):
+def test_signal_flushes_unmounts_and_exits(tmp_path, sig):
+    """In daemon mode, SIGTERM and SIGINT flush, unmount and exit 0."""
     img = qemu.create(tmp_path / "disk.qcow2", 16 << 20)
     mp = tmp_path / "raw"
-    with mount(img, mp) as (raw, pid):
-        with open(raw, "r+b") as fh:
-            fh.seek(5 << 20)
-            fh.write(b"\x66" * (1 << 20))
-        os.kill(pid, sig)
-        deadline = time.monotonic() + 10
-        while str(mp) in fuse_mounts() and time.monotonic() < deadline:
-            time.sleep(0.05)
+    try:
+        r = subprocess.run([sys.executable, "-c", SIGNAL_WRAPPER, str(img), str(mp),
+                            str(tmp_path / "pid"), str(int(sig))],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.strip() == "0", f"daemon exit status {r.stdout.strip()}: {r.stderr}"
         assert str(mp) not in fuse_mounts()
+    finally:
+        unmount(mp, None)
     qemu.assert_clean(img)
     qemu.qemu_io(img, "read -P 0x66 5M 1M", read_only=True)
+
+
+def test_mmap_of_the_raw_file(tmp_path, mount):
+    """A shared writable mapping of the raw file (the default mount) reaches the image."""
+    img = qemu.create(tmp_path / "disk.qcow2", 16 << 20, cluster_size=4096)
+    qemu.qemu_io(img, "write -P 0x21 0 1M")
+    with mount(img, tmp_path / "raw") as (raw, _):
+        fd = os.open(raw, os.O_RDWR)
+        try:
+            with mmap.mmap(fd, 2 << 20, mmap.MAP_SHARED, offset=0) as m:
+                assert m[:4096] == b"\x21" * 4096
+                m[4096 + 100:4096 + 100 + 300000] = b"\x22" * 300000
+                m.flush()
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    qemu.assert_clean(img)
+    qemu.qemu_io(img, "read -P 0x21 0 4196", "read -P 0x22 4196 300000",
+                 f"read -P 0x21 {4196 + 300000} {(1 << 20) - 4196 - 300000}",
+                 f"read -P 0 1M 1M", read_only=True)
+
+
+def test_direct_io_bypasses_the_page_cache(tmp_path, mount):
+    """-o direct_io: reads and writes go to the daemon, so the file cannot be mapped
+    shared (the kernel refuses with ENODEV), and writes reach the image."""
+    img = qemu.create(tmp_path / "disk.qcow2", 16 << 20)
+    with mount(img, tmp_path / "raw", "-o", "direct_io") as (raw, _):
+        fd = os.open(raw, os.O_RDWR)
+        try:
+            with pytest.raises(OSError) as e:
+                mmap.mmap(fd, 4096, mmap.MAP_SHARED)
+            assert e.value.errno == errno.ENODEV
+            assert os.pwrite(fd, b"\x31" * 70000, 12345) == 70000
+            assert os.pread(fd, 70000, 12345) == b"\x31" * 70000
+        finally:
+            os.close(fd)
+    qemu.assert_clean(img)
+    qemu.qemu_io(img, "read -P 0 0 12345", "read -P 0x31 12345 70000", read_only=True)
 
 
 async def test_concurrent_requests_through_mount(tmp_path, mount):
@@ -162,3 +224,29 @@ def test_unmount_helper_cleans_up_after_failed_body(tmp_path, mount):
         with mount(img, mp):
             raise RuntimeError("test body failed")
     assert str(mp) not in fuse_mounts()
+
+
+def test_debug_option_stays_in_foreground_with_fuse_debug_output(tmp_path):
+    """-o debug: FUSE's request log on stderr, and -f implied (the command runs until
+    the unmount, then exits 0)."""
+    img = qemu.create(tmp_path / "disk.qcow2", 4 << 20)
+    mp = tmp_path / "raw"
+    proc = subprocess.Popen([sys.executable, "-m", "qcowfuse", str(img), str(mp), "-o", "debug"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 20
+        while str(mp) not in fuse_mounts():
+            assert proc.poll() is None, f"exited {proc.returncode} before mounting"
+            assert time.monotonic() < deadline, "never mounted"
+            time.sleep(0.05)
+        assert proc.poll() is None  # still in the foreground while mounted
+        assert mp.read_bytes()[:4] == bytes(4)
+    finally:
+        unmount(mp, None)
+        try:
+            err = proc.communicate(timeout=20)[1]
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            err = proc.communicate()[1]
+    assert proc.returncode == 0, err[-2000:]
+    assert "opcode: INIT" in err and "opcode: READ" in err

@@ -89,3 +89,67 @@ def test_map_matches_qemu_img_map(tmp_path):
         assert json.loads(ours.stdout) == json.loads(theirs)
     human = run_cli("map", str(top))
     assert human.returncode == 0 and "Mapped to" in human.stdout
+
+
+def qemu_map(img) -> list[dict]:
+    return json.loads(qemu.run("qemu-img", "map", "--output=json", str(img)).stdout)
+
+
+def extents_in(extents: list[dict], lo: int, hi: int) -> list[dict]:
+    return [e for e in extents if e["start"] < hi and e["start"] + e["length"] > lo]
+
+
+@pytest.mark.parametrize("compat,mode", [("0.10", "unmap"), ("1.1", "on"), ("1.1", "unmap")],
+                         ids=["v2-unmap", "v3-on", "v3-unmap"])
+def test_detect_zeroes_allocation(tmp_path, compat, mode):
+    """Whole zero clusters written with detect-zeroes, judged by qemu-img map: v2 can
+    only say "zeros" by leaving the cluster unallocated; v3 sets the zero flag, keeping
+    the host cluster with 'on' (map shows its offset) and freeing it with 'unmap'."""
+    cs = 65536
+    img = qemu.create(tmp_path / "z.qcow2", 4 * MiB, compat=compat)
+    with Image.open(str(img), writable=True) as im:
+        im.write(0, b"\x01" * (4 * cs))
+    allocated = qemu.check(img)["allocated-clusters"]
+    with Image.open(str(img), writable=True, detect_zeroes=mode) as im:
+        im.write(cs, bytes(2 * cs))  # over data
+        im.write(MiB, bytes(cs))  # over nothing
+    qemu.assert_clean(img)
+    qemu.qemu_io(img, f"read -P 1 0 {cs}", f"read -P 0 {cs} {2 * cs}", f"read -P 1 {3 * cs} {cs}",
+                 read_only=True)
+    extents = qemu_map(img)
+    zeroed = extents_in(extents, cs, 3 * cs)
+    assert zeroed and all(e["zero"] and not e["data"] for e in zeroed), zeroed
+    assert not any(e["data"] for e in extents_in(extents, MiB, MiB + cs))
+    after = qemu.check(img)["allocated-clusters"]
+    if compat == "0.10":
+        assert all(not e["present"] for e in zeroed), zeroed  # unallocated
+    if mode == "on":
+        assert all("offset" in e for e in zeroed), zeroed  # host clusters kept
+        assert after == allocated
+    else:
+        assert all("offset" not in e for e in zeroed), zeroed
+        assert after == allocated - 2
+
+
+def test_extended_l2_write_allocates_only_written_subclusters(tmp_path):
+    """With extended L2 entries (64 KiB clusters: 2 KiB subclusters), qemu-img map must
+    show as data exactly the subclusters written, not whole clusters; a write over a
+    zero subcluster clears its zero bit."""
+    sc = 2048
+    img = qemu.create(tmp_path / "x.qcow2", 8 * MiB, extra="extended_l2=on")
+    qemu.qemu_io(img, "write -P 0x11 192k 64k", f"write -z {192 * 1024 + 4 * sc} {sc}")
+    with Image.open(str(img), writable=True) as im:
+        im.write(65536 + 2 * sc, b"\x21" * sc)  # one whole subcluster of a new cluster
+        im.write(65536 + 5 * sc + 100, b"\x22" * 300)  # part of another, same cluster
+        im.write(131072 + 2 * sc + 904, b"\x23" * 100)  # part of one in a second new cluster
+        im.write(196608 + 4 * sc + 10, b"\x24" * 20)  # inside the zero subcluster
+    qemu.assert_clean(img)
+    data = [(e["start"], e["length"]) for e in qemu_map(img) if e["data"]]
+    assert data == [(65536 + 2 * sc, sc), (65536 + 5 * sc, sc), (131072 + 2 * sc, sc),
+                    (196608, 65536)], data
+    base = 196608 + 4 * sc
+    qemu.qemu_io(img, f"read -P 0x21 {65536 + 2 * sc} {sc}", f"read -P 0 {65536 + 5 * sc} 100",
+                 f"read -P 0x22 {65536 + 5 * sc + 100} 300", f"read -P 0 {131072 + 2 * sc} 904",
+                 f"read -P 0x23 {131072 + 2 * sc + 904} 100", f"read -P 0 {base} 10",
+                 f"read -P 0x24 {base + 10} 20", f"read -P 0 {base + 30} {sc - 30}",
+                 f"read -P 0x11 {196608} {4 * sc}", read_only=True)
