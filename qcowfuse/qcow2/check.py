@@ -242,13 +242,21 @@ class Checker:
                 report.corruptions_fixed += 1
             else:
                 report.corruptions += 1
-        known = (flags & REFCOUNT_UNKNOWN) == 0
-        is_one = (flags & REFCOUNT_ONE) != 0
-        wrong = known & ((((flags & COPIED_REF) != 0) & ~is_one) | (((flags & UNCOPIED_REF) != 0) & is_one))
-        if wrong.any() or refs.copied_outside:
+        if refs.copied_outside or self._copied_wrong(flags):
             self._copied_l2(refs, report, fix, l2_offsets.tolist())
         if fix:
             img.flush()
+
+    @staticmethod
+    def _copied_wrong(flags: np.ndarray, chunk: int = 1 << 20) -> bool:
+        """Does any cluster have an active reference whose COPIED flag disagrees with
+        its refcount (a lookup table over the flag bits, a chunk at a time)?"""
+        lut = np.zeros(16, bool)
+        for v in range(16):
+            if not v & REFCOUNT_UNKNOWN:
+                lut[v] = bool(v & COPIED_REF and not v & REFCOUNT_ONE) or \
+                    bool(v & UNCOPIED_REF and v & REFCOUNT_ONE)
+        return any(lut[flags[i:i + chunk]].any() for i in range(0, len(flags), chunk))
 
     def _copied_l2(self, refs: References, report: CheckReport, fix: bool, l2_offsets: list[int]) -> None:
         """The exact per-entry COPIED check, table by table (only on damaged images)."""

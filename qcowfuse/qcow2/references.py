@@ -32,7 +32,7 @@ UNCOPIED_REF = 2    # an active L2 entry without COPIED points here
 REFCOUNT_ONE = 4    # (set by the compare) the stored refcount is 1
 REFCOUNT_UNKNOWN = 8  # (set by the compare) the stored refcount could not be read
 
-BATCH_BYTES = 4 << 20
+BATCH_BYTES = 1 << 20
 
 
 @dataclass
@@ -178,12 +178,94 @@ class References:
         reader = TableReader(self.f, self.cs, self.batch_bytes)
         for start, batch in reader.batches(tables.tolist(), self.progress):
             n = batch.shape[0]
-            self._count_l2(tables[start:start + n], l2_entries(batch, ext),
-                           w_all[start:start + n], w_active[start:start + n], ext)
+            self._count_batch(tables[start:start + n], l2_entries(batch, ext),
+                              w_all[start:start + n], w_active[start:start + n], ext)
 
-    def _count_l2(self, table_offsets: np.ndarray, t, w_all: np.ndarray, w_active: np.ndarray,
-                  ext: bool) -> None:
-        """QEMU's check_refcounts_l2 for the non-zero entries `t` of a batch of tables."""
+    def _count_batch(self, table_offsets: np.ndarray, t, w_all: np.ndarray, w_active: np.ndarray,
+                     ext: bool) -> None:
+        """QEMU's check_refcounts_l2 for the non-zero entries `t` of a batch of tables.
+        Entries with nothing special (a cluster-aligned offset, COPIED and the zero flag
+        at most, a consistent bitmap) take a short path; the rest get every rule."""
+        cs, cb = self.cs, self.cb
+        e = t.entry
+        plain = (e & u64(~((OFFSET_MASK & ~(cs - 1)) | OFLAG_COPIED | OFLAG_ZERO) & 0xFFFFFFFFFFFFFFFF)) == 0
+        if ext:
+            bm = t.bitmap
+            alloc = bm & u64(0xFFFFFFFF)
+            plain &= ((bm >> u64(32)) & alloc) == 0
+            plain &= ((e & u64(OFFSET_MASK)) != 0) | (alloc == 0)
+        if not plain.all():
+            rest = t.take(~plain)
+            rest_normal = self._count_special(table_offsets, rest, w_all, w_active, ext)
+            t = t.take(plain)
+        else:
+            rest = rest_normal = None
+        normal = (t.entry & u64(OFFSET_MASK)) != 0
+        rows, cols, entries = t.row[normal], t.col[normal], t.entry[normal]
+        clusters = ((entries & u64(OFFSET_MASK)) >> u64(cb)).astype(np.int64)
+        uniform = w_all.min() == w_all.max()
+        self.add_clusters(clusters, int(w_all[0]) if uniform else w_all[rows])
+        if rest_normal is not None and rest_normal.any():  # merge back into table order
+            rows = np.concatenate([rows, rest.row[rest_normal]])
+            cols = np.concatenate([cols, rest.col[rest_normal]])
+            entries = np.concatenate([entries, rest.entry[rest_normal]])
+            order = np.lexsort((cols, rows))
+            rows, entries = rows[order], entries[order]
+        self._active_layer(rows, entries, w_active)
+
+    def _active_layer(self, rows: np.ndarray, entries: np.ndarray, w_active: np.ndarray) -> None:
+        """Allocation and fragmentation counts, and COPIED notes, for the data clusters
+        of active tables (rows: table of each entry, in table order)."""
+        if not w_active.any() or not len(rows):
+            return
+        cs, cb = self.cs, self.cb
+        offs = entries & u64(OFFSET_MASK)
+        if w_active.min() == w_active.max():  # the usual case: no sharing within the batch
+            w = int(w_active[0])
+            self.stats.allocated += w * len(rows)
+            if len(offs) > 1:
+                jump = (rows[1:] == rows[:-1]) & (offs[1:] != offs[:-1] + u64(cs))
+                self.stats.fragmented += w * int(np.count_nonzero(jump))
+            cl = (offs >> u64(cb)).astype(np.int64)
+            copied = (entries >> u64(63)).astype(bool)
+        else:
+            active = w_active[rows]
+            self.stats.allocated += int(active.sum())
+            if len(offs) > 1:
+                jump = (rows[1:] == rows[:-1]) & (offs[1:] != offs[:-1] + u64(cs))
+                self.stats.fragmented += int(active[1:][jump].sum())
+            act = active > 0
+            cl = (offs[act] >> u64(cb)).astype(np.int64)
+            copied = (entries[act] >> u64(63)).astype(bool)
+        inside = cl < len(self.flags)
+        if not inside.all():
+            self.copied_outside = True
+            cl, copied = cl[inside], copied[inside]
+        self.flags[cl[copied]] |= COPIED_REF
+        self.flags[cl[~copied]] |= UNCOPIED_REF
+
+    def add_clusters(self, clusters: np.ndarray, weight) -> None:
+        """Count whole clusters (aligned data clusters): past the end of the file is an error."""
+        past = clusters >= self.nb_clusters
+        if past.any():
+            w = np.broadcast_to(np.asarray(weight, np.int64), clusters.shape)
+            self.add_ranges(clusters[past] << self.cb, self.cs, w[past])  # reports them
+            clusters = clusters[~past]
+            weight = weight if np.isscalar(weight) else np.asarray(weight)[~past]
+        if not len(clusters):
+            return
+        if np.isscalar(weight):
+            self._widen(len(clusters) * int(weight))
+            np.add.at(self.counts, clusters, self.counts.dtype.type(weight))
+        else:
+            w = np.asarray(weight, np.int64)
+            self._widen(int(w.sum()))
+            np.add.at(self.counts, clusters, w.astype(self.counts.dtype))
+
+    def _count_special(self, table_offsets: np.ndarray, t, w_all: np.ndarray, w_active: np.ndarray,
+                       ext: bool) -> np.ndarray:
+        """Every rule, for entries off the short path; returns which of them are data
+        clusters still counted (for the active layer's numbers)."""
         cs, cb = self.cs, self.cb
         e, bm = t.entry, t.bitmap
         weight = w_all[t.row]
@@ -240,31 +322,16 @@ class References:
         for row, col, message, times in sorted(bad):
             self.stats.messages.append(message)
             self.stats.corruptions += times
-        # fragmentation info (active layer): compressed clusters count as fragmented
+        # compressed clusters count as allocated and fragmented (active layer)
         comp_active = active[counted_comp]
         self.stats.compressed += int(comp_active.sum())
         self.stats.fragmented += int(comp_active.sum())
-        n_rows, n_offs = t.row[normal], offs[normal]
-        n_active = active[normal]
-        self.stats.allocated += int(comp_active.sum()) + int(n_active.sum())
-        if len(n_offs) > 1:
-            jump = (n_rows[1:] == n_rows[:-1]) & (n_offs[1:] != n_offs[:-1] + u64(cs))
-            self.stats.fragmented += int(n_active[1:][jump].sum())
-        # references
-        self.add_ranges(n_offs.astype(np.int64), cs, weight[normal])
+        self.stats.allocated += int(comp_active.sum())
+        self.add_ranges(offs[normal].astype(np.int64), cs, weight[normal])
         if counted_comp.any():
             coff, csize = compressed_ranges(e[counted_comp] & ~u64(OFLAG_COPIED), cb)
             self.add_ranges(coff.astype(np.int64), csize.astype(np.int64), weight[counted_comp])
-        # COPIED bookkeeping for check_copied (active tables only)
-        act = n_active > 0
-        if act.any():
-            cl = (n_offs[act] >> u64(cb)).astype(np.int64)
-            copied = (e[normal][act] & u64(OFLAG_COPIED)) != 0
-            inside = cl < len(self.flags)
-            if not inside.all():
-                self.copied_outside = True
-            self.flags[cl[inside & copied]] |= COPIED_REF
-            self.flags[cl[inside & ~copied]] |= UNCOPIED_REF
+        return normal
 
     def _zero_entry(self, table_offset: int, col: int, bitmap: int, ext: bool) -> None:
         """Make an L2 entry a zero cluster (extended L2: its allocated subclusters zero)."""

@@ -110,16 +110,17 @@ class L2Entries:
 
 def l2_entries(batch: np.ndarray, extended: bool) -> L2Entries:
     """Decode only what is there: zero is zero in either byte order."""
-    per_row = batch.shape[1] // (2 if extended else 1)
+    per_row = batch.shape[1] // (2 if extended else 1)  # a power of two
+    shift = per_row.bit_length() - 1
     if extended:
         pairs = batch.reshape(-1, 2)
         native = pairs.view(U64)
         at = np.flatnonzero((native[:, 0] != 0) | (native[:, 1] != 0))
-        row, col = np.divmod(at, per_row)
+        row, col = at >> shift, at & (per_row - 1)
         return L2Entries(row, col, pairs[at, 0].astype(U64), pairs[at, 1].astype(U64))
     flat = batch.reshape(-1)
     at = np.flatnonzero(flat.view(U64) != 0)
-    row, col = np.divmod(at, per_row)
+    row, col = at >> shift, at & (per_row - 1)
     entry = flat[at].astype(U64)
     return L2Entries(row, col, entry, np.zeros(len(entry), U64))
 
