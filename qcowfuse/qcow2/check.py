@@ -283,9 +283,13 @@ class Checker:
                     report.corruptions_fixed += 1
                 else:
                     report.corruptions += 1
-            if dirty:
+            if dirty and refs.is_only_a_table(l2_offset):
                 self.f.pwrite(l2_offset, words.astype(BE64).tobytes())
                 img.l2.forget(l2_offset)
+            elif dirty:  # the "table" is also something else (guest data?): leave it alone
+                report.messages.append(f"ERROR L2 table at {l2_offset:#x} is in use as something "
+                                       f"else too; its COPIED flags are left as they are")
+                report.check_errors += 1
 
     # -- rebuilding ---------------------------------------------------------------------
 

@@ -46,6 +46,23 @@ class WalkStats:
     messages: list[str] = field(default_factory=list)
 
 
+@dataclass
+class Fix:
+    """A repair of one table entry, made only once the walk shows the table is nothing
+    but a table (a damaged L1 entry may point an "L2 table" at guest data)."""
+    table: int          # host offset of the L1 or L2 table
+    table_bytes: int
+    pos: int            # host offset of the entry
+    data: bytes         # its new value
+    message: str        # said when made
+    error: str          # said (and counted `times`) when not made
+    times: int = 1
+    refs: tuple[int, int, int] | None = None  # (offset, size, weight) to count if not made
+    l1_index: int | None = None  # active L1 entry to update in memory
+    value: int = 0
+    in_l2: bool = True
+
+
 class References:
     """counts[c]: references to host cluster c found in the metadata."""
 
@@ -72,6 +89,9 @@ class References:
         self.refcount_clusters: list[int] = []  # counted for the refcount table and blocks
         self.rebuild = False
         self.walk_corruptions = 0
+        self.fixes: list[Fix] = []
+        self.tables = np.zeros(0, np.int64)  # distinct L2 tables, and how many L1 entries name each
+        self.table_refs = np.zeros(0, np.int64)
 
     # -- counting -----------------------------------------------------------------------
 
@@ -140,7 +160,49 @@ class References:
         self.walk_corruptions = self.stats.corruptions  # those a rebuild of refcounts can't fix
         if include_refcount_structures:
             self.count_refcount_structures(h.refcount_table_offset, h.refcount_table_clusters)
+        self._apply_fixes()
         return self
+
+    def _exclusive(self, offset: int, length: int, expected: int) -> bool:
+        first, last = offset >> self.cb, (offset + length - 1) >> self.cb
+        return last < len(self.counts) and bool((self.counts[first:last + 1] == expected).all())
+
+    def is_only_a_table(self, offset: int) -> bool:
+        """Is the L2 table at offset referenced by nothing but L1 entries?"""
+        k = int(np.searchsorted(self.tables, offset))
+        return k < len(self.tables) and self.tables[k] == offset and \
+            self._exclusive(offset, self.cs, int(self.table_refs[k]))
+
+    def _apply_fixes(self) -> None:
+        """Make the entry repairs found by the walk, in tables that nothing else uses."""
+        if not self.fixes:
+            return
+        before = self.stats.corruptions
+        ok: dict[int, bool] = {}
+        for fix in self.fixes:
+            if fix.table not in ok:
+                ok[fix.table] = self.is_only_a_table(fix.table) if fix.in_l2 else \
+                    self._exclusive(fix.table, fix.table_bytes, 1)
+            if ok[fix.table]:
+                self.f.pwrite(fix.pos, fix.data)
+                self.stats.messages.append(fix.message)
+                self.stats.fixed += 1
+                if fix.l1_index is not None:
+                    self.img.l1[fix.l1_index] = fix.value
+            else:
+                self._error(fix.error, fix.times)
+                if fix.refs is not None:
+                    self.add_range_weighted(*fix.refs)
+        self.f.sync()
+        for table in ok:
+            self.img.l2.forget(table)
+        self._saturate()
+        self.walk_corruptions += self.stats.corruptions - before
+        self.fixes = []
+
+    def add_range_weighted(self, offset: int, size: int, weight: int) -> None:
+        self.add_ranges(np.array([offset], np.int64), np.array([size], np.int64),
+                        np.array([weight], np.int64))
 
     def _saturate(self) -> None:
         """References beyond the refcount width: one overflow error each, as QEMU does."""
@@ -159,9 +221,30 @@ class References:
                 continue
             self.add_range(l1_offset, l1_size * 8)
             l1 = read_words(self.f, l1_offset, l1_size)
-            present = l1[l1 != 0]
-            for e in present[(present & u64(L1E_RESERVED_MASK)) != 0].tolist():
-                self._error(f"ERROR found L1 entry with reserved bits set: {e:x}")
+            index = np.flatnonzero(l1)
+            present = l1[index]
+            for k in np.flatnonzero((present & u64(L1E_RESERVED_MASK)) != 0).tolist():
+                e = int(present[k])
+                if not self.fix_errors:
+                    self._error(f"ERROR found L1 entry with reserved bits set: {e:x}")
+                    continue
+                # the reader ignores these bits: clearing them changes nothing it reads
+                present[k] = e & ~L1E_RESERVED_MASK
+                self._fix_l1(l1_offset, l1_size, int(index[k]), int(present[k]), active,
+                             f"Repairing L1 entry with reserved bits set: {e:x}",
+                             f"ERROR found L1 entry with reserved bits set: {e:x}")
+            if self.fix_errors:  # an L2 table past the end of the file reads as zeros: no table
+                gone = ((present & u64(OFFSET_MASK)) >= u64(self.file_size)) & \
+                    (((present & u64(OFFSET_MASK)) & u64(self.cs - 1)) == 0)
+                for k in np.flatnonzero(gone).tolist():
+                    off = int(present[k]) & OFFSET_MASK
+                    self._fix_l1(l1_offset, l1_size, int(index[k]), 0, active,
+                                 f"Repairing l2_offset={off:x}: L2 table lies past the end of the "
+                                 f"file; L1 entry cleared",
+                                 f"ERROR: counting reference for region exceeding the end of the file "
+                                 f"by one cluster or more: offset {off:#x} size {self.cs:#x}")
+                present = present[~gone]
+            present = present[present != 0]
             l2 = (present & u64(OFFSET_MASK)).astype(np.int64)
             self.add_ranges(l2, self.cs)
             for off in l2[(l2 & (self.cs - 1)) != 0].tolist():
@@ -173,6 +256,7 @@ class References:
         allof = np.concatenate(offsets)
         tables, inverse = np.unique(allof, return_inverse=True)
         w_all = np.bincount(inverse, minlength=len(tables))
+        self.tables, self.table_refs = tables, w_all
         w_active = np.bincount(inverse[np.concatenate(actives)], minlength=len(tables))
         ext = self.img.header.extended_l2
         reader = TableReader(self.f, self.cs, self.batch_bytes)
@@ -189,6 +273,7 @@ class References:
         cs, cb = self.cs, self.cb
         e = t.entry
         plain = (e & u64(~((OFFSET_MASK & ~(cs - 1)) | OFLAG_COPIED | OFLAG_ZERO) & 0xFFFFFFFFFFFFFFFF)) == 0
+        plain &= (e & u64(OFFSET_MASK)) < u64(self.file_size)
         if ext:
             bm = t.bitmap
             alloc = bm & u64(0xFFFFFFFF)
@@ -279,12 +364,31 @@ class References:
             for i in np.flatnonzero(mask).tolist():
                 bad.append((int(t.row[i]), int(t.col[i]), fmt(i), int(weight[i])))
 
-        report(std & ((e & u64(L2E_STD_RESERVED_MASK)) != 0),
-               lambda i: f"ERROR found l2 entry with reserved bits set: {int(e[i]):x}")
+        reserved = std & ((e & u64(L2E_STD_RESERVED_MASK)) != 0)
+        if self.fix_errors:  # the reader ignores these bits: clearing them changes nothing it reads
+            for i in np.flatnonzero(reserved).tolist():
+                old = int(e[i])
+                e[i] = u64(old & ~L2E_STD_RESERVED_MASK)
+                self._write_entry(int(table_offsets[t.row[i]]), int(t.col[i]), int(e[i]),
+                                  int(bm[i]) if ext else None,
+                                  f"Repairing l2 entry with reserved bits set: {old:x}",
+                                  f"ERROR found l2 entry with reserved bits set: {old:x}", int(weight[i]))
+            offs = e & u64(OFFSET_MASK)
+        else:
+            report(reserved, lambda i: f"ERROR found l2 entry with reserved bits set: {int(e[i]):x}")
         # compressed clusters (never COPIED; with extended L2, no subcluster bitmap)
         comp_copied = compressed & ((e & u64(OFLAG_COPIED)) != 0)
-        report(comp_copied, lambda i: f"ERROR: coffset={int(compressed_ranges(e[i:i + 1], cb)[0][0]):#x}: "
-                                      f"copied flag must never be set for compressed clusters")
+        if self.fix_errors:  # the reader ignores COPIED on compressed clusters: drop it
+            for i in np.flatnonzero(comp_copied).tolist():
+                coffset = int(compressed_ranges(e[i:i + 1], cb)[0][0])
+                e[i] = e[i] & ~u64(OFLAG_COPIED)
+                what = f"coffset={coffset:#x}: copied flag must never be set for compressed clusters"
+                self._write_entry(int(table_offsets[t.row[i]]), int(t.col[i]), int(e[i]),
+                                  int(bm[i]) if ext else None, f"Repairing {what}", f"ERROR: {what}",
+                                  int(weight[i]))
+        else:
+            report(comp_copied, lambda i: f"ERROR: coffset={int(compressed_ranges(e[i:i + 1], cb)[0][0]):#x}: "
+                                          f"copied flag must never be set for compressed clusters")
         counted_comp = compressed
         if ext:
             comp_bitmap = compressed & (bm != 0)
@@ -310,15 +414,33 @@ class References:
         if prealloc.any():
             if self.fix_errors:  # QEMU's fix_l2_entry_by_zero: the entry becomes a zero cluster
                 for i in np.flatnonzero(prealloc).tolist():
-                    bad.append((int(t.row[i]), int(t.col[i]),
-                                f"Repairing offset={int(offs[i]):x}: Preallocated cluster is not "
-                                f"properly aligned; L2 entry corrupted.", 0))
-                    self._zero_entry(int(table_offsets[t.row[i]]), int(t.col[i]), int(bm[i]), ext)
-                    self.stats.fixed += 1
+                    b = int(bm[i])
+                    what = f"offset={int(offs[i]):x}: Preallocated cluster is not properly aligned; " \
+                           f"L2 entry corrupted."
+                    self._write_entry(int(table_offsets[t.row[i]]), int(t.col[i]), 0 if ext else OFLAG_ZERO,
+                                      ((b | (b << 32)) & 0xFFFFFFFF00000000) if ext else None,
+                                      f"Repairing {what}", f"ERROR {what}", int(weight[i]),
+                                      (int(offs[i]), cs, int(weight[i])))
                 normal &= ~prealloc
             else:
                 report(prealloc, lambda i: f"ERROR offset={int(offs[i]):x}: Preallocated cluster is not "
                                            f"properly aligned; L2 entry corrupted.")
+        past = normal & (offs >= u64(self.file_size)) & ((offs & u64(cs - 1)) == 0)
+        if self.fix_errors and past.any() and (ext or self.img.version >= 3 or self.img.backing is None):
+            # QEMU reads zeros past the end of the file: make it a zero cluster, which reads the same
+            for i in np.flatnonzero(past).tolist():
+                if ext:
+                    b = int(bm[i])
+                    entry, bitmap = 0, (b | (b << 32)) & 0xFFFFFFFF00000000
+                else:
+                    entry, bitmap = (OFLAG_ZERO if self.img.version >= 3 else 0), None
+                off = int(offs[i])
+                self._write_entry(int(table_offsets[t.row[i]]), int(t.col[i]), entry, bitmap,
+                                  f"Repairing offset={off:x}: data cluster lies past the end of the "
+                                  f"file; L2 entry made a zero cluster",
+                                  f"ERROR: counting reference for region exceeding the end of the file "
+                                  f"by one cluster or more: offset {off:#x} size {cs:#x}", int(weight[i]))
+            normal &= ~past
         for row, col, message, times in sorted(bad):
             self.stats.messages.append(message)
             self.stats.corruptions += times
@@ -333,18 +455,20 @@ class References:
             self.add_ranges(coff.astype(np.int64), csize.astype(np.int64), weight[counted_comp])
         return normal
 
-    def _zero_entry(self, table_offset: int, col: int, bitmap: int, ext: bool) -> None:
-        """Make an L2 entry a zero cluster (extended L2: its allocated subclusters zero)."""
-        if ext:
-            bitmap = ((bitmap | (bitmap << 32)) & 0xFFFFFFFF00000000)
-            data = (0).to_bytes(8, "big") + bitmap.to_bytes(8, "big")
-            pos = table_offset + 16 * col
+    def _fix_l1(self, l1_offset: int, l1_size: int, index: int, value: int, active: bool,
+                message: str, error: str) -> None:
+        self.fixes.append(Fix(l1_offset, l1_size * 8, l1_offset + 8 * index, value.to_bytes(8, "big"),
+                              message, error, l1_index=index if active else None, value=value,
+                              in_l2=False))
+
+    def _write_entry(self, table_offset: int, col: int, entry: int, bitmap: int | None,
+                     message: str, error: str, times: int = 1,
+                     refs: tuple[int, int, int] | None = None) -> None:
+        if bitmap is None:
+            pos, data = table_offset + 8 * col, entry.to_bytes(8, "big")
         else:
-            data = OFLAG_ZERO.to_bytes(8, "big")
-            pos = table_offset + 8 * col
-        self.f.pwrite(pos, data)
-        self.f.sync()
-        self.img.l2.forget(table_offset)
+            pos, data = table_offset + 16 * col, entry.to_bytes(8, "big") + bitmap.to_bytes(8, "big")
+        self.fixes.append(Fix(table_offset, self.cs, pos, data, message, error, times, refs))
 
     # -- refcount structures -------------------------------------------------------------
 
