@@ -9,10 +9,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import TYPE_CHECKING
 
 from . import __version__
-from .daemon import MountOptions, mount
 from .errors import QcowError
+
+if TYPE_CHECKING:
+    from .daemon import MountOptions
 
 EPILOG = """\
 other commands:
@@ -253,6 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] == "mount":
         argv = argv[1:]
     args = build_parser().parse_args(argv)
+    from .daemon import MountOptions, mount  # not needed by info, check, map: keep them quick
     opts = MountOptions(image=args.image, mountpoint=args.mountpoint,
                         foreground=args.foreground, pidfile=args.pidfile)
     try:

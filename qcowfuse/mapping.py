@@ -140,7 +140,7 @@ def _qcow2_runs(img: Image, start: int, end: int, progress: Progress | None
     bad = offsets[(offsets & (cs - 1)) != 0]
     if len(bad):
         raise CorruptError(f"L2 table at unaligned offset {int(bad[0]):#x}")
-    reader = TableReader(img.f, cs, (1 << 20) if ext else (8 << 20))
+    reader = TableReader(img.f, cs, (256 << 10) if ext else (1 << 20))
     cursor = start  # everything before it has been yielded or is pending
     pending: list[int] | None = None
     for at, batch in reader.batches(offsets.tolist(), progress):

@@ -52,7 +52,7 @@ class TableReader:
     """Reads tables of `table_bytes` each at arbitrary host offsets, a batch at a time,
     into one reused buffer (bounded memory: `batch_bytes`)."""
 
-    def __init__(self, f: HostFile, table_bytes: int, batch_bytes: int = 8 << 20) -> None:
+    def __init__(self, f: HostFile, table_bytes: int, batch_bytes: int = 1 << 20) -> None:
         self.f = f
         self.table_bytes = table_bytes
         self.per_batch = max(1, batch_bytes // table_bytes)
