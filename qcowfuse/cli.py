@@ -9,10 +9,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import TYPE_CHECKING
 
 from . import __version__
-from .daemon import MountOptions, mount
 from .errors import QcowError
+
+if TYPE_CHECKING:
+    from .daemon import MountOptions
 
 EPILOG = """\
 other commands:
@@ -126,17 +129,27 @@ def _human(n: int) -> str:
     return str(n)
 
 
+def _progress(output: str, label: str):
+    """A progress bar for human output on a terminal (shown after a second), else None."""
+    from .progress import TerminalProgress
+    return TerminalProgress.for_stderr(label) if output == "human" else None
+
+
 def info_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="qcowfuse info", description="Describe a qcow2 image.")
     p.add_argument("image")
     p.add_argument("--output", choices=("human", "json"), default="human")
     args = p.parse_args(argv)
     from .info import image_info
+    progress = _progress(args.output, "reading tables")
     try:
-        info = image_info(args.image)
+        info = image_info(args.image, progress)
     except QcowError as e:
         print(f"qcowfuse: {e}", file=sys.stderr)
         return 1
+    finally:
+        if progress:
+            progress.done()
     if args.output == "json":
         print(json.dumps(info, indent=2))
         return 0
@@ -173,8 +186,8 @@ def check_main(argv: list[str]) -> int:
     p.add_argument("--output", choices=("human", "json"), default="human")
     args = p.parse_args(argv)
     from .image import Image
-    from .qcow2.check import Checker, TerminalProgress
-    progress = TerminalProgress(sys.stderr) if sys.stderr.isatty() else None
+    from .qcow2.check import Checker
+    progress = _progress(args.output, "checking" if args.repair is None else "repairing")
     try:
         img = Image.open(args.image, writable=args.repair is not None, repair=True)
         try:
@@ -220,9 +233,10 @@ def map_main(argv: list[str]) -> int:
         return _bitmap_map(args.image, args.bitmap, args.output)
     from .image import Image
     from .mapping import image_map
+    progress = _progress(args.output, "mapping")
     try:
         with Image.open(args.image, writable=False, lock=False) as img:
-            extents = image_map(img)
+            extents = image_map(img, progress)
             names = []
             layer = img
             while layer is not None:
@@ -231,6 +245,9 @@ def map_main(argv: list[str]) -> int:
     except QcowError as e:
         print(f"qcowfuse: {e}", file=sys.stderr)
         return 1
+    finally:
+        if progress:
+            progress.done()
     if args.output == "json":
         print("[" + ",\n".join(json.dumps(e.to_json()) for e in extents) + "]")
         return 0
@@ -276,6 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] == "mount":
         argv = argv[1:]
     args = build_parser().parse_args(argv)
+    from .daemon import MountOptions, mount  # not needed by info, check, map: keep them quick
     opts = MountOptions(image=args.image, mountpoint=args.mountpoint,
                         foreground=args.foreground, pidfile=args.pidfile)
     try:

@@ -8,7 +8,7 @@ import os
 from .backing import RawLayer
 from .image import Image
 from .qcow2.header import INCOMPAT_CORRUPT, INCOMPAT_DIRTY
-from .qcow2.tables import L1E_OFFSET_MASK, QCOW_OFLAG_COMPRESSED, ClusterType, classify
+from .progress import Progress
 
 
 def _feature_names(img: Image) -> dict[str, list[str]]:
@@ -20,26 +20,36 @@ def _feature_names(img: Image) -> dict[str, list[str]]:
     return out
 
 
-def allocated_clusters(img: Image) -> int:
-    """Guest clusters of the active layer with data (normal, preallocated zero, compressed)."""
+def allocated_clusters(img: Image, progress: Progress | None = None) -> int:
+    """Guest clusters of the active layer with data (normal, preallocated zero, compressed;
+    with extended L2: compressed, or any subcluster allocated).  Each distinct L2 table
+    is read once, only its non-zero entries decoded (qcow2/scan.py)."""
+    import numpy as np  # only this key needs the tables; the rest of info does not
+
+    from .qcow2.scan import (
+        KIND_COMPRESSED, KIND_NORMAL, KIND_ZERO_ALLOC, OFFSET_MASK, OFLAG_COMPRESSED, TableReader,
+        l2_entries, standard_kinds, u64)
+
+    l1 = np.array(img.l1, dtype=np.uint64)
+    offsets = l1[(l1 & u64(OFFSET_MASK)) != 0] & u64(OFFSET_MASK)
+    tables, times = np.unique(offsets, return_counts=True)
+    ext = img.header.extended_l2
     n = 0
-    for l1e in img.l1:
-        off = l1e & L1E_OFFSET_MASK
-        if not off:
-            continue
-        table = img.l2.get(off)
-        if img.header.extended_l2:  # (entry, subcluster bitmap) pairs
-            n += sum(1 for e, bm in zip(table[::2], table[1::2])
-                     if e & QCOW_OFLAG_COMPRESSED or bm & 0xFFFFFFFF)
+    for at, batch in TableReader(img.f, img.cluster_size).batches(tables.tolist(), progress):
+        t = l2_entries(batch, ext)
+        if ext:
+            used = ((t.entry & u64(OFLAG_COMPRESSED)) != 0) | ((t.bitmap & u64(0xFFFFFFFF)) != 0)
         else:
-            n += sum(1 for e in table
-                     if classify(e, img.version) in (ClusterType.NORMAL, ClusterType.ZERO_ALLOC,
-                                                     ClusterType.COMPRESSED))
+            used = np.isin(standard_kinds(t.entry, img.version),
+                           (KIND_NORMAL, KIND_ZERO_ALLOC, KIND_COMPRESSED))
+        n += int(times[at + t.row[used]].sum())
     return n
 
 
-def image_info(path: str) -> dict:
-    """Open without locks (like qemu-img info -U): information only, never a write."""
+def image_info(path: str, progress: Progress | None = None) -> dict:
+    """Open without locks (like qemu-img info -U): information only, never a write.
+    Only `allocated-bytes` reads the L2 tables; everything else comes from the header,
+    the snapshot table and the backing chain."""
     img = Image.open(path, writable=False, lock=False)
     try:
         h = img.header
@@ -71,7 +81,7 @@ def image_info(path: str) -> dict:
             "compression-type": "zstd" if h.compression_type else "zlib",
             "host-file-size": st.st_size,
             "disk-usage": st.st_blocks * 512,
-            "allocated-bytes": allocated_clusters(img) * h.cluster_size,
+            "allocated-bytes": allocated_clusters(img, progress) * h.cluster_size,
             "backing-file": h.backing_file,
             "backing-format": h.backing_format,
             "backing-chain": chain,

@@ -289,15 +289,6 @@ def test_check_reports_unaligned_tables_like_qemu(tmp_path):
     assert theirs.returncode == 2 and "Table is not cluster aligned" in theirs.stdout + theirs.stderr
 
 
-def test_extended_l2_check_and_map_refused(tmp_path):
-    """README: check and map do not handle extended L2 yet; they say so, no traceback."""
-    img = qemu.create(tmp_path / "x.qcow2", 4 * MiB, extra="extended_l2=on")
-    for cmd, tool in (("check", "qemu-img check"), ("map", "qemu-img map")):
-        r = run_cli(cmd, str(img))
-        assert r.returncode == 1 and r.stderr.startswith("qcowfuse: ") and tool in r.stderr
-        assert "Traceback" not in r.stderr
-
-
 def test_info_takes_no_locks(tmp_path, mount):
     """info works on an image a read-write mount holds locked (like qemu-img info -U)."""
     img = qemu.create(tmp_path / "l.qcow2", 4 * MiB)
