@@ -257,3 +257,81 @@ def test_persistent_bitmaps_are_refused_for_now(tmp_path):
             img.resize(8 * MiB)
     assert e.value.errno == errno.EOPNOTSUPP and "bitmaps" in str(e.value)
     assert path.read_bytes() == before
+
+
+# -- through the mount ----------------------------------------------------------------------
+
+def test_truncate_through_mount(tmp_path, mount):
+    cs = 512
+    path = qemu.create(tmp_path / "t.qcow2", 1 * MiB, cs)
+    qemu.qemu_io(path, "write -P 0x81 0 1M")
+    model = Model(path, tmp_path / "model.raw")
+    with mount(path, tmp_path / "raw") as (raw, _):
+        fd = os.open(raw, os.O_RDWR)
+        try:
+            os.ftruncate(fd, 8 * MiB)  # the L1 table moves
+            assert os.fstat(fd).st_size == 8 * MiB and raw.stat().st_size == 8 * MiB
+            assert os.pread(fd, 4096, 1 * MiB) == bytes(4096)
+            for off, data in [(MiB - 5, b"\x82" * 10), (5 * MiB, b"\x83" * 70000), (8 * MiB - 9, b"\x84" * 9)]:
+                assert os.pwrite(fd, data, off) == len(data)
+                with open(model.raw, "r+b") as fh:
+                    os.truncate(model.raw, 8 * MiB)
+                    fh.seek(off)
+                    fh.write(data)
+            os.truncate(raw, 10 * MiB)  # by path, without an open file
+            assert raw.stat().st_size == 10 * MiB
+            for size, code in [(2 * MiB, errno.EPERM), (10 * MiB + 1, errno.EINVAL), (1 << 60, errno.EFBIG)]:
+                with pytest.raises(OSError) as e:
+                    os.ftruncate(fd, size)
+                assert e.value.errno == code, (size, e.value)
+                assert os.fstat(fd).st_size == 10 * MiB
+            os.ftruncate(fd, 9 * MiB)  # nothing there: shrinks
+            assert os.fstat(fd).st_size == 9 * MiB
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    model.resize(9 * MiB)
+    model.judge(path, 9 * MiB)
+    with mount(path, tmp_path / "ro.raw", "-o", "ro") as (raw, _):
+        with pytest.raises(OSError) as e:
+            os.truncate(raw, 16 * MiB)
+        assert e.value.errno == errno.EROFS
+        assert raw.stat().st_size == 9 * MiB
+    qemu.run("qemu-img", "snapshot", "-c", "s1", str(path))
+    with mount(path, tmp_path / "snap.raw", "-o", "snapshot=s1") as (raw, _):
+        with pytest.raises(OSError) as e:
+            os.truncate(raw, 16 * MiB)
+        assert e.value.errno == errno.EROFS
+
+
+def test_loop_device_and_resize2fs_in_the_grown_view(tmp_path, mount):
+    import random
+    import subprocess
+    from test_ext4 import fs_mounted, loop_device, sh, tree_hashes
+    path = qemu.create(tmp_path / "guest.qcow2", 64 * MiB, 4096)
+    rnd = random.Random(13)
+    with mount(path, tmp_path / "raw") as (raw, _):
+        with loop_device(raw) as dev:
+            sh("mkfs.ext4", "-q", "-F", dev)
+            with fs_mounted(dev, tmp_path / "guest") as root:
+                for i in range(40):
+                    (root / f"a{i}").write_bytes(rnd.randbytes(rnd.choice([100, 70000, 1 << 20])))
+            os.truncate(raw, 640 * MiB)
+            sh("losetup", "-c", dev)
+            assert int(sh("blockdev", "--getsize64", dev)) == 640 * MiB
+            sh("e2fsck", "-fy", dev)  # resize2fs wants a checked file system (offline: online
+            sh("resize2fs", dev)      # resizing needs privileges a container may lack)
+            with fs_mounted(dev, tmp_path / "guest") as root:
+                big = rnd.randbytes(1 << 20)
+                for i in range(300):  # more than the old disk held
+                    (root / f"b{i}").write_bytes(big[i:] + big[:i])
+                written = tree_hashes(root)
+                sh("sync")
+    assert info(path)["virtual-size"] == 640 * MiB
+    qemu.assert_clean(path)
+    out = qemu.convert_to_raw(path, tmp_path / "out.raw")
+    fsck = subprocess.run(["e2fsck", "-fn", str(out)], capture_output=True, text=True)
+    assert fsck.returncode == 0, fsck.stdout + fsck.stderr
+    with loop_device(out, read_only=True) as dev:
+        with fs_mounted(dev, tmp_path / "check", read_only=True) as root:
+            assert tree_hashes(root) == written
