@@ -335,3 +335,41 @@ def test_loop_device_and_resize2fs_in_the_grown_view(tmp_path, mount):
     with loop_device(out, read_only=True) as dev:
         with fs_mounted(dev, tmp_path / "check", read_only=True) as root:
             assert tree_hashes(root) == written
+
+
+# -- qcowfuse resize ------------------------------------------------------------------------
+
+def test_cli_resize_speaks_qemu_img(tmp_path):
+    from cli_helpers import assert_one_line_error
+    from conftest import run_cli
+    path = qemu.create(tmp_path / "t.qcow2", 1 * MiB, 512)
+    qemu.qemu_io(path, "write -P 0x91 0 512k")
+    for args, size in [(["1.5M"], 1536 * KiB), (["+1k"], 1537 * KiB), (["--shrink", "-1k"], 1536 * KiB),
+                       (["--shrink", "--", "-512k"], 1 * MiB), (["0x800000"], 8 * MiB), (["-q", "+8M"], 16 * MiB)]:
+        r = run_cli("resize", *args[:-1], str(path), args[-1])
+        assert r.returncode == 0 and r.stdout == ("" if "-q" in args else "Image resized.\n"), r
+        assert info(path)["virtual-size"] == size
+    qemu.assert_clean(path)
+    qemu.qemu_io(path, "read -P 0x91 0 512k", f"read -P 0 512k {16 * MiB - 512 * KiB}", read_only=True)
+    before = path.read_bytes()
+    for args, fragment in [(["8M"], "Use the --shrink option"), (["-10"], "Use the --shrink option"),
+                           (["+513"], "multiple of 512"), (["1.5"], "expects a non-negative number"),
+                           (["3MiB"], "expects a non-negative number"), (["16E"], "out of range"),
+                           (["--shrink", "0"], "must be positive"), (["3P"], "File too large"),
+                           (["--shrink", "256k"], "guest data is allocated at offset 262144")]:
+        r = run_cli("resize", *args[:-1], str(path), args[-1])
+        assert_one_line_error(r.returncode, r.stderr, fragment)
+        assert path.read_bytes() == before
+    r = run_cli("resize", str(tmp_path / "missing.qcow2"), "1G")
+    assert_one_line_error(r.returncode, r.stderr, "No such file")
+
+
+def test_cli_resize_refuses_an_image_in_use(tmp_path, mount):
+    from cli_helpers import assert_one_line_error
+    from conftest import run_cli
+    path = qemu.create(tmp_path / "t.qcow2", 1 * MiB)
+    with mount(path, tmp_path / "raw") as (raw, _):
+        r = run_cli("resize", str(path), "2M")
+        assert_one_line_error(r.returncode, r.stderr, "lock")
+        assert raw.stat().st_size == 1 * MiB
+    assert info(path)["virtual-size"] == 1 * MiB
