@@ -213,7 +213,12 @@ def _zero_new_range(img: Image, old: int, new: int) -> None:
     for l1i in range(c0 >> bits, ((c1 - 1) >> bits) + 1 if c1 > c0 else c0 >> bits):
         base = l1i << bits
         lo, hi = max(c0, base), min(c1, base + img.l2_entries)
-        if not img.l1[l1i] & L1E_OFFSET_MASK and lo >= cz:
+        if not img.l1[l1i] & L1E_OFFSET_MASK:
+            if lo < cz:  # a new table, zero flags over all that the backing file covers
+                _fill_zero_flags(img, img._l2_for_write(l1i), lo - base, min(hi, cz) - base)
+                img.l2.mark_dirty(img._l2_offset(l1i))
+                if img.l2.over_budget:
+                    img.flush()
             continue
         table = img._l2_table(l1i)
         changes = []
@@ -234,6 +239,14 @@ def _zero_new_range(img: Image, old: int, new: int) -> None:
         img.l2.mark_dirty(img._l2_offset(l1i))
         if img.l2.over_budget:
             img.flush()
+
+
+def _fill_zero_flags(img: Image, table: array.array, start: int, end: int) -> None:
+    """Entries [start, end) of an empty L2 table become zero clusters (no host cluster)."""
+    if img.header.extended_l2:
+        table[2 * start:2 * end] = array.array("Q", [0, _SUB_ZERO_ALL]) * (end - start)
+    else:
+        table[start:end] = array.array("Q", [QCOW_OFLAG_ZERO]) * (end - start)
 
 
 # -- shrinking ----------------------------------------------------------------------

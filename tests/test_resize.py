@@ -373,3 +373,38 @@ def test_cli_resize_refuses_an_image_in_use(tmp_path, mount):
         assert_one_line_error(r.returncode, r.stderr, "lock")
         assert raw.stat().st_size == 1 * MiB
     assert info(path)["virtual-size"] == 1 * MiB
+
+
+def test_grow_over_a_large_backing_file_is_quick(tmp_path):
+    """Zero clusters over 8 GiB of backing file: whole new L2 tables are filled at once."""
+    import time
+    base = qemu.create(tmp_path / "base.qcow2", 8 * GiB)
+    qemu.qemu_io(base, "write -P 0x35 0 4M", f"write -P 0x36 {8 * GiB - MiB} 1M")
+    path = qemu.create(tmp_path / "t.qcow2", 1 * MiB, extra=f"backing_file={base},backing_fmt=qcow2")
+    model = Model(path, tmp_path / "model.raw")
+    t = time.monotonic()
+    with Image.open(str(path), writable=True) as img:
+        img.resize(16 * GiB)
+    elapsed = time.monotonic() - t
+    model.resize(16 * GiB)
+    model.judge(path, 16 * GiB)
+    print(f"\ngrow 1 MiB -> 16 GiB over an 8 GiB backing file (131072 zero clusters): {elapsed:.2f} s")
+
+
+def test_shrink_extended_l2(tmp_path):
+    cs = 16384
+    path = qemu.create(tmp_path / "t.qcow2", 8 * MiB, cs, extra="extended_l2=on")
+    qemu.qemu_io(path, "write -P 0x55 0 1M", "write -P 0x56 5M 4k", f"write -P 0x57 {2 * MiB + 4096} 512")
+    with Image.open(str(path), writable=True) as img:
+        for new in (4 * MiB, 2 * MiB + 2048):  # an allocated subcluster past the end
+            with pytest.raises(ResizeError) as e:
+                img.resize(new)
+            assert e.value.errno == errno.EPERM
+    qemu.qemu_io(path, "write -z 5M 16k", f"write -z {2 * MiB} 16k")  # zero subclusters now
+    model = Model(path, tmp_path / "model.raw")
+    with Image.open(str(path), writable=True) as img:
+        img.resize(2 * MiB + 2048)
+        img.resize(6 * MiB)
+    model.resize(2 * MiB + 2048)
+    model.resize(6 * MiB)
+    model.judge(path, 6 * MiB)
