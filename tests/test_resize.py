@@ -6,13 +6,19 @@ from __future__ import annotations
 import errno
 import json
 import os
+import random
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
 
 import qemu
+from cli_helpers import assert_one_line_error
+from conftest import run_cli
 from qcowfuse import Image, ReadOnlyError
 from qcowfuse.resize import ResizeError
+from test_ext4 import fs_mounted, loop_device, sh, tree_hashes
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 
@@ -305,9 +311,6 @@ def test_truncate_through_mount(tmp_path, mount):
 
 
 def test_loop_device_and_resize2fs_in_the_grown_view(tmp_path, mount):
-    import random
-    import subprocess
-    from test_ext4 import fs_mounted, loop_device, sh, tree_hashes
     path = qemu.create(tmp_path / "guest.qcow2", 64 * MiB, 4096)
     rnd = random.Random(13)
     with mount(path, tmp_path / "raw") as (raw, _):
@@ -340,8 +343,6 @@ def test_loop_device_and_resize2fs_in_the_grown_view(tmp_path, mount):
 # -- qcowfuse resize ------------------------------------------------------------------------
 
 def test_cli_resize_speaks_qemu_img(tmp_path):
-    from cli_helpers import assert_one_line_error
-    from conftest import run_cli
     path = qemu.create(tmp_path / "t.qcow2", 1 * MiB, 512)
     qemu.qemu_io(path, "write -P 0x91 0 512k")
     for args, size in [(["1.5M"], 1536 * KiB), (["+1k"], 1537 * KiB), (["--shrink", "-1k"], 1536 * KiB),
@@ -365,8 +366,6 @@ def test_cli_resize_speaks_qemu_img(tmp_path):
 
 
 def test_cli_resize_refuses_an_image_in_use(tmp_path, mount):
-    from cli_helpers import assert_one_line_error
-    from conftest import run_cli
     path = qemu.create(tmp_path / "t.qcow2", 1 * MiB)
     with mount(path, tmp_path / "raw") as (raw, _):
         r = run_cli("resize", str(path), "2M")
@@ -377,7 +376,6 @@ def test_cli_resize_refuses_an_image_in_use(tmp_path, mount):
 
 def test_grow_over_a_large_backing_file_is_quick(tmp_path):
     """Zero clusters over 8 GiB of backing file: whole new L2 tables are filled at once."""
-    import time
     base = qemu.create(tmp_path / "base.qcow2", 8 * GiB)
     qemu.qemu_io(base, "write -P 0x35 0 4M", f"write -P 0x36 {8 * GiB - MiB} 1M")
     path = qemu.create(tmp_path / "t.qcow2", 1 * MiB, extra=f"backing_file={base},backing_fmt=qcow2")
