@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from typing import TYPE_CHECKING
+from fractions import Fraction
 
 from . import __version__
 from .errors import QcowError
@@ -23,12 +25,14 @@ other commands:
   qcowfuse check IMAGE [-r leaks|all] [--output=json]  recount refcounts, repair
   qcowfuse map IMAGE [--output=json]                  allocated / zero / unallocated extents
   qcowfuse map IMAGE --bitmap NAME [--output=json]    what a persistent dirty bitmap marks changed
+  qcowfuse resize [--shrink] IMAGE [+|-]SIZE           grow (or shrink) the guest disk, offline
 
 examples:
   qcowfuse disk.qcow2 /mnt/raw            mount the guest disk as the file /mnt/raw
   qcowfuse -o ro disk.qcow2 /mnt/dir      read-only, as /mnt/dir/disk.raw
   qcowfuse -o snapshot=s1 disk.qcow2 /mnt/s1.raw   an internal snapshot (read-only)
   losetup -f --show /mnt/raw              then use the loop device as a disk
+  truncate -s 20G /mnt/raw                grow the mounted disk (then losetup -c, resize2fs)
   fusermount3 -u /mnt/raw                 unmount: flushes and closes the image
 
 The mount point may be a regular file (the raw view is mounted over it), a
@@ -49,14 +53,36 @@ class UsageError(QcowError):
     pass
 
 
+# QEMU's size syntax (util/cutils.c qemu_strtosz): decimal or 0x number, optional suffix
+# b/k/M/G/T/P/E (powers of 1024, any case); a fraction only with a suffix above b.
+_SIZE_RE = re.compile(r"\s*\+?(?:0x([0-9a-f]+)|(\d+)(?:\.(\d*))?)([bkmgtpe]?)\Z", re.IGNORECASE)
+_SIZE_SHIFTS = {"": 0, "b": 0, "k": 10, "m": 20, "g": 30, "t": 40, "p": 50, "e": 60}
+
+
+def strtosz(text: str) -> int:
+    """Bytes in a QEMU size ('32M', '1.5G', '4096'); ValueError if it is not one,
+    OverflowError if it is 2^64 or more."""
+    m = _SIZE_RE.match(text)
+    if not m:
+        raise ValueError(text)
+    hexdigits, whole, frac, suffix = m.groups()
+    shift = _SIZE_SHIFTS[suffix.lower()]
+    if hexdigits is not None:
+        value = int(hexdigits, 16) << shift
+    elif frac is not None and shift == 0:
+        raise ValueError(text)
+    else:
+        value = int(Fraction(f"{whole}.{frac or 0}") * (1 << shift))
+    if value >= 1 << 64:
+        raise OverflowError(text)
+    return value
+
+
 def parse_size(text: str) -> int:
     """'32M', '512k', '1G' or plain bytes, as QEMU's size options take them."""
-    units = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-    t = text.strip().lower()
-    num, unit = (t[:-1], t[-1]) if t and t[-1] in "bkmgt" else (t, "")
     try:
-        value = int(float(num) * units[unit])
-    except ValueError:
+        value = strtosz(text)
+    except (ValueError, OverflowError):
         raise UsageError(f"not a size: '{text}' (use e.g. 32M)") from None
     if value <= 0:
         raise UsageError(f"size must be positive: '{text}'")
@@ -284,6 +310,51 @@ def _bitmap_map(path: str, name: str, output: str) -> int:
 
 
 SUBCOMMANDS = {"info": info_main, "check": check_main, "map": map_main}
+def resize_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(
+        prog="qcowfuse resize", usage="qcowfuse resize [-h] [--shrink] [-q] IMAGE [+|-]SIZE",
+        description="Change the guest disk's size, as qemu-img resize does (the image must not "
+                    "be in use; a mounted disk grows with truncate -s on its raw file).",
+        epilog="SIZE: bytes, or a number with suffix k, M, G, T, P or E (powers of 1024); "
+               "+SIZE / -SIZE are relative to the current size.  Shrinking needs --shrink and "
+               "is refused where it would cut off guest data.")
+    p.add_argument("--shrink", action="store_true", help="allow making the disk smaller")
+    p.add_argument("-q", "--quiet", action="store_true", help="no message on success")
+    p.add_argument("-f", dest="format", choices=["qcow2"], help="image format (qcow2 only)")
+    p.add_argument("image")
+    # As qemu-img: the size is the last word, taken off before the options are parsed, so a
+    # relative shrink such as -1G is not mistaken for an option.
+    if len(argv) < 2 or argv[-1] in ("-h", "--help"):
+        p.parse_args(argv)  # help, or argparse's message for what is missing
+        p.error("Expecting image file name and size")
+    size_text, rest = argv[-1], argv[:-1]
+    args = p.parse_args(rest[:-1] if rest[-1:] == ["--"] else rest)
+    sign = {"+": 1, "-": -1}.get(size_text[:1], 0)
+    from .image import Image
+    try:
+        try:
+            n = strtosz(size_text[1:] if sign else size_text)
+        except OverflowError:
+            raise UsageError(f"Value '{size_text}' is out of range for parameter 'size'") from None
+        except ValueError:
+            raise UsageError("Parameter 'size' expects a non-negative number below 2^64 "
+                             "(optional suffix k, M, G, T, P or E)") from None
+        with Image.open(args.image, writable=True) as img:
+            total = img.size + sign * n if sign else n
+            if total <= 0:
+                raise UsageError("New image size must be positive")
+            if total < img.size and not args.shrink:
+                raise UsageError("Use the --shrink option to perform a shrink operation.")
+            img.resize(total)
+    except QcowError as e:
+        print(f"qcowfuse: {e}", file=sys.stderr)
+        return 1
+    if not args.quiet:
+        print("Image resized.")
+    return 0
+
+
+SUBCOMMANDS = {"info": info_main, "check": check_main, "map": map_main, "resize": resize_main}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,6 +20,7 @@ from typing import Protocol
 import pyfuse3
 
 from .errors import CorruptError, QcowError, ReadOnlyError
+from .resize import ResizeError
 
 log = logging.getLogger("qcowfuse")
 
@@ -33,6 +34,7 @@ class BlockImage(Protocol):
     def read(self, offset: int, length: int) -> bytes: ...
     def write(self, offset: int, data: memoryview | bytes) -> int: ...
     def flush(self) -> None: ...
+    def resize(self, new_size: int) -> None: ...
 
 
 class RawFileOperations(pyfuse3.Operations):
@@ -80,9 +82,24 @@ class RawFileOperations(pyfuse3.Operations):
     async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields,
                       fh: int | None, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         if fields.update_size and inode == self.file_inode and attr.st_size != self.image.size:
-            # The guest disk has a fixed size (qcow2 resize is a separate operation).
-            raise pyfuse3.FUSEError(errno.EPERM)
+            self._resize(attr.st_size)
         return self._attrs(inode)  # mode, owner and times follow the image file
+
+    def _resize(self, new_size: int) -> None:
+        """truncate(2) grows or shrinks the guest disk; the reply's attributes carry the new
+        size, so stat and the loop driver (losetup -c) see it at once.  Errnos: EROFS on a
+        read-only image; EPERM for a shrink that would cut off guest data; EINVAL for a size
+        that is not a multiple of 512; EFBIG past the format's limit; EOPNOTSUPP for images
+        that cannot be resized yet (persistent bitmaps, v2 with snapshots)."""
+        try:
+            self.image.resize(new_size)
+        except ReadOnlyError:
+            raise pyfuse3.FUSEError(errno.EROFS) from None
+        except ResizeError as e:
+            log.error("truncate to %d bytes refused: %s", new_size, e)
+            raise pyfuse3.FUSEError(e.errno) from None
+        except (QcowError, OSError) as e:
+            raise _errno_for(e, "resize", 0, new_size) from None
 
     async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         if parent_inode == pyfuse3.ROOT_INODE and self.file_name is not None and name == self.file_name:

@@ -24,6 +24,7 @@ from .errors import CorruptError, FormatError, QcowError, ReadOnlyError, Unsuppo
 from .backing import Layer, file_identity, open_backing
 from .hostfile import HostFile
 from .locking import lock_image
+from .resize import resize_image
 from .qcow2.allocator import Allocator
 from .qcow2.bitmaps import Bitmaps
 from .qcow2.compressed import CompressedDescriptor, decompress
@@ -676,6 +677,10 @@ class Image:
         kind = classify(entry, self.version)
         return kind in (ClusterType.ZERO_PLAIN, ClusterType.ZERO_ALLOC) or (
             kind is ClusterType.UNALLOCATED and self.backing is None)
+
+    def resize(self, new_size: int) -> None:
+        """Grow or shrink the guest disk (resize.py); ResizeError when refused."""
+        resize_image(self, new_size)
 
     # -- durability -----------------------------------------------------------------
 

@@ -25,7 +25,7 @@ import pytest
 
 import qemu
 from conftest import fuse_mounts, unmount
-from qcowfuse import cli
+from qcowfuse import cli, daemon
 
 REPO = Path(__file__).resolve().parent.parent
 MAN_PAGE = REPO / "man" / "qcowfuse.1"
@@ -264,7 +264,7 @@ def test_man_page_renders_and_covers_the_parser():
                  for m in re.findall(r"^\.TP\n\.B[IR]? (\S+)", o_list, re.M)}
     assert names <= described, names - described
     for name in described:
-        opts = cli.MountOptions(image="i", mountpoint="m")
+        opts = daemon.MountOptions(image="i", mountpoint="m")
         cli.parse_mount_options([name + {"snapshot": "=s", "detect-zeroes": "=on", "backing": "=off",
                                          "l2-cache-size": "=1M", "refcount-cache-size": "=1M"}.get(name, "")],
                                 opts)

@@ -76,7 +76,9 @@ def test_read_only_mount_refuses_writes_and_leaves_image_alone(tmp_path, mount):
 
 
 def test_truncate_is_refused(tmp_path, mount):
+    """A shrink that would cut off guest data (growing: test_resize.py)."""
     img = qemu.create(tmp_path / "disk.qcow2", 4 << 20)
+    qemu.qemu_io(img, "write -P 0x21 3M 4k")
     with mount(img, tmp_path / "raw") as (raw, _):
         with pytest.raises(OSError) as e:
             os.truncate(raw, 1 << 20)

@@ -1,0 +1,262 @@
+"""Crash safety of resizing (issue 13): power loss at any point while the disk grows
+across L1 tables that must move (512 B clusters: one L1 cluster maps 2 MiB), and
+SIGKILL of the daemon while a client grows the mounted disk and writes into it.
+
+The power-loss harness is test_crash.py's (recording layer, crash images from a prefix
+of the log, QEMU as the judge).  On top of its rules: a crash image's virtual size is
+the size of the last resize that returned, or the one in progress; the space a resize
+added reads as zeros until written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+import qemu
+from conftest import _pid_alive
+from qcowfuse import Image
+from qcowfuse.hostfile import HostFile
+from test_crash import (SECTOR, SEED, GuestWrite, RecordingFile, Workload, _check_not_corrupt,
+                        _check_summary, _crash_images, _guest_raw, _judge_crash_image, _Killer,
+                        _pick_cuts, _verify_guest)
+
+KiB, MiB = 1 << 10, 1 << 20
+
+
+@dataclass
+class ResizeWorkload(Workload):
+    resizes: list[tuple[int, int, int]] = field(default_factory=list)  # (log at call, at return, size)
+    size0: int = 0
+
+    def sizes_at(self, cut: int) -> set[int]:
+        """Virtual sizes a crash image cut here may have."""
+        done = [s for _, end, s in self.resizes if end <= cut]
+        sizes = {done[-1] if done else self.size0}
+        sizes.update(s for start, end, s in self.resizes if start < cut < end)
+        return sizes
+
+
+# (cluster size, refcount bits, compat, initial size, steps, cut points, variant); a step is
+# a number of random writes or ("resize", new size)
+RESIZE_GEOMETRIES = [
+    (512, 16, "1.1", 1 * MiB, [40, ("resize", 3 * MiB), 40, ("resize", 8 * MiB + 512), 30], 70, ""),
+    (512, 64, "1.1", 1 * MiB, [30, ("resize", 5 * MiB), 40], 45, "snapshot"),  # shared L2 tables
+    (512, 16, "1.1", 1 * MiB + 512, [30, ("resize", 6 * MiB), 30], 45, "backing"),  # zero clusters
+    (512, 16, "0.10", 1 * MiB, [30, ("resize", 4 * MiB), 30], 40, ""),
+    (512, 16, "1.1", 6 * MiB, [20, ("resize", 1 * MiB + 512), 20, ("resize", 4 * MiB), 20], 45,
+     "shrink"),  # L2 tables past the new end freed, then growth again
+]
+
+
+def _make(tmp_path: Path, cs: int, rb: int, compat: str, size: int, variant: str) -> tuple[Path, Path | None]:
+    backing = None
+    extra = ""
+    if variant == "backing":
+        backing = qemu.create(tmp_path / "base.qcow2", 8 * MiB, 65536)
+        qemu.qemu_io(backing, "write -P 0x31 0 8M")
+        extra = f"backing_file={backing},backing_fmt=qcow2"
+    path = qemu.create(tmp_path / "t.qcow2", size, cs, rb, compat, extra)
+    qemu.qemu_io(path, f"write -P 0x11 0 {64 * cs}", f"write -P 0x12 {size // 2} {8 * cs}")
+    if variant == "snapshot":
+        qemu.run("qemu-img", "snapshot", "-c", "s1", str(path))
+    if variant == "shrink":  # zero clusters (one preallocated) and L2 tables past the new end
+        qemu.qemu_io(path, "write -P 0x13 3M 64k", "write -z 3M 64k", "write -z 5M 4k")
+    # Free space inside the file that holds garbage: a table that reaches the disk after the
+    # L1 entry naming it would be read as garbage, not as an empty table.
+    with open(path, "ab") as fh:
+        fh.write(random.Random(size).randbytes(256 * cs))
+    qemu.assert_clean(path)
+    return path, backing
+
+
+def _run(path: Path, backing: Path | None, steps: list, rnd: random.Random) -> ResizeWorkload:
+    size = json.loads(qemu.run("qemu-img", "info", "--output=json", str(path)).stdout)["virtual-size"]
+    final = max([size] + [s[1] for s in steps if isinstance(s, tuple)])
+    guest = bytearray(_guest_raw(path).ljust(final, b"\0"))
+    rec = RecordingFile(HostFile.open(str(path), True))
+    base = Image.open(str(backing), lock=False) if backing else None
+    img = Image.open_file(rec, writable=True, backing=base)
+    w = ResizeWorkload(path.read_bytes(), bytes(guest), rec.log, size0=size)
+    cs = img.cluster_size
+    try:
+        for i, step in enumerate(steps):
+            if isinstance(step, tuple):
+                start = len(rec.log)
+                img.resize(step[1])
+                w.resizes.append((start, len(rec.log), step[1]))
+                w.flushes.append((len(rec.log), len(w.writes)))  # a resize flushes first
+                if step[1] < size:
+                    guest[step[1]:] = bytes(len(guest) - step[1])  # gone, and zeros if it grows back
+                size = step[1]
+                continue
+            # before a shrink, write only below its new end (past it, it is refused)
+            limit = min([size] + [s[1] for s in steps[i + 1:i + 2] if isinstance(s, tuple)])
+            for _ in range(step):
+                if rnd.random() < 0.1:
+                    img.flush()
+                    w.flushes.append((len(rec.log), len(w.writes)))
+                length = rnd.choice([rnd.randint(1, 700), cs * rnd.randint(1, 4), rnd.randint(cs, 40 * cs)])
+                off = rnd.choice([rnd.randrange(limit), max(0, limit - rnd.randint(1, 80 * cs))])
+                length = min(length, limit - off)
+                data = rnd.randbytes(length)
+                w.writes.append(GuestWrite(len(rec.log), off, data))
+                img.write(off, data)
+                guest[off:off + length] = data
+        img.flush()
+        w.flushes.append((len(rec.log), len(w.writes)))
+    finally:
+        img.close()
+    qemu.assert_clean(path)
+    assert _guest_raw(path) == bytes(guest[:size]), "final image differs from the model"
+    return w
+
+
+@pytest.mark.parametrize("cs,rb,compat,size,steps,n_cuts,variant", RESIZE_GEOMETRIES,
+                         ids=[f"{g[0]}b-rc{g[1]}-v{g[2]}" + (f"-{g[6]}" if g[6] else "")
+                              for g in RESIZE_GEOMETRIES])
+def test_power_loss_while_resizing(tmp_path, cs, rb, compat, size, steps, n_cuts, variant):
+    seed = SEED + 13 + rb + len(variant)
+    rnd = random.Random(seed)
+    path, backing = _make(tmp_path, cs, rb, compat, size, variant)
+    w = _run(path, backing, steps, rnd)
+    # every cut inside a resize, and around each header write (the L1 switch, the size)
+    cuts = set(_pick_cuts(w.log, rnd, n_cuts))
+    for start, end, _ in w.resizes:
+        cuts.update(range(start, end + 1, max(1, (end - start) // 25)))
+    crash_path = tmp_path / "crash.qcow2"
+    failures = []
+    sizes_seen: set[int] = set()
+    for k, mode, crash, flushed, at_cut, since in _crash_images(w, sorted(cuts), rnd):
+        crash_path.write_bytes(crash)
+        where = f"seed={seed} geometry=({cs}, {rb}, {compat}, {variant!r}) cut={k}/{len(w.log)} mode={mode}"
+        info, guest = _judge_crash_image(crash_path)
+        if info.get("corruptions", 0) or info.get("check-errors", 0) or info["rc"] not in (0, 3) \
+                or guest is None:
+            failures.append(f"{where}: qemu-img check: {_check_summary(info)}")
+            continue
+        allowed = w.sizes_at(k)
+        if len(guest) not in allowed:
+            failures.append(f"{where}: virtual size {len(guest)}, expected one of {sorted(allowed)}")
+            continue
+        sizes_seen.add(len(guest))
+        n = len(guest)
+        why = _verify_guest(guest, flushed[:n], at_cut[:n], since)
+        if why:
+            failures.append(f"{where}: {why}")
+    print(f"\npower loss while resizing {cs}B rc{rb} v{compat} {variant or 'plain'} seed={seed}: "
+          f"{len(w.writes)} writes, {len(w.resizes)} resizes, log {len(w.log)} entries, "
+          f"{len(cuts)} cuts, sizes seen {sorted(sizes_seen)}, {len(failures)} failed")
+    assert not failures, f"{len(failures)} of {len(cuts)} crash images bad:\n" + "\n".join(failures[:8])
+    assert len(sizes_seen) > 1
+
+
+# -- SIGKILL while growing through the mount ---------------------------------------------
+
+BLOCK = 4096
+
+
+def test_sigkill_while_growing_through_mount(tmp_path, mount):
+    """A client grows the disk step by step (every step moves the L1 table) and writes
+    into each new range, fsyncing now and then; the daemon is killed at a random moment.
+    The image is never corrupt, its size is the last one truncate returned for (or the
+    one in flight), fsynced blocks read back and the rest holds old or new data."""
+    rnd = random.Random(SEED + 13)
+    rounds = 4
+    verified = truncates = inside = 0
+    for rnd_no in range(rounds):
+        cs = [512, 1024, 512, 4096][rnd_no]
+        # small steps (an L1 move per step), or big ones at 512 B clusters: an L1 table of
+        # up to 32 MiB takes long to write, so the kill likely lands inside a resize
+        big = rnd_no == 2
+        size = 1 * MiB
+        img = qemu.create(tmp_path / f"k{rnd_no}.qcow2", size, cs)
+        qemu.qemu_io(img, "write -P 0x5a 0 512k")
+        durable: dict[int, bytes] = {}
+        since: dict[int, list[bytes]] = {}
+        sizes = [size]  # truncates that returned, then the one in flight
+        where = f"seed={SEED + 13} round={rnd_no} cluster_size={cs}"
+        killer = None
+        with mount(img, tmp_path / f"raw{rnd_no}") as (raw, pid):
+            fd = os.open(raw, os.O_RDWR)
+            try:
+                killer = _Killer(pid, rnd.uniform(0.3, 2.5) if big else rnd.uniform(0.05, 1.5))
+                killer.start()
+                deadline = time.monotonic() + 30
+                while time.monotonic() < deadline:
+                    if big:
+                        new = min(size + rnd.randint(8, 40) * (1 << 30), 127 << 30)
+                    else:
+                        new = size + rnd.choice([1, 2, 3]) * 512 * KiB
+                    try:
+                        sizes.append(new)
+                        os.ftruncate(fd, new)
+                    except OSError:
+                        break
+                    size = new
+                    sizes = [size]
+                    truncates += 1
+                    for _ in range(rnd.randint(1, 6)):
+                        b = rnd.randrange(size // BLOCK - 1)
+                        data = rnd.randbytes(BLOCK)
+                        since.setdefault(b, []).append(data)
+                        try:
+                            os.pwrite(fd, data, b * BLOCK)
+                        except OSError:
+                            break
+                    if rnd.random() < 0.4:
+                        try:
+                            os.fsync(fd)
+                        except OSError:
+                            break
+                        for b, vals in since.items():
+                            durable[b] = vals[-1]
+                        since.clear()
+                else:
+                    raise AssertionError(f"{where}: the daemon was never killed")
+            finally:
+                if killer is not None:
+                    killer.cancel.set()
+                    killer.join()
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+            assert killer.killed_at is not None, f"{where}: I/O failed before the kill"
+            deadline = time.monotonic() + 10
+            while _pid_alive(pid) and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert not _pid_alive(pid), f"{where}: daemon {pid} survived SIGKILL"
+        inside += len(sizes) > 1
+        _check_not_corrupt(img)
+        raw_out = qemu.convert_to_raw(img, tmp_path / f"k{rnd_no}.raw")  # sparse
+        got_size = raw_out.stat().st_size
+        assert got_size in sizes, f"{where}: virtual size {got_size}, expected one of {sizes}"
+        initial = b"\x5a" * (512 * KiB)
+        nblocks = got_size // BLOCK
+        check = set(durable) | set(since) | set(range(len(initial) // BLOCK + 1))
+        check |= {rnd.randrange(nblocks) for _ in range(500)}
+        with open(raw_out, "rb") as fh:
+            for b in sorted(c for c in check if c < nblocks):
+                blk = os.pread(fh.fileno(), BLOCK, b * BLOCK)
+                old = initial[b * BLOCK:(b + 1) * BLOCK].ljust(BLOCK, b"\0")
+                if b in durable and b not in since:
+                    assert blk == durable[b], f"{where}: fsynced block {b} lost"
+                    verified += 1
+                elif blk != durable.get(b, old):
+                    cands = [durable.get(b, old)] + since.get(b, [])
+                    for sec in range(0, BLOCK, SECTOR):
+                        assert any(blk[sec:sec + SECTOR] == c[sec:sec + SECTOR] for c in cands), \
+                            f"{where}: block {b} sector {sec // SECTOR} holds data never written there"
+        raw_out.unlink()
+        img.unlink()
+    print(f"\nSIGKILL while growing: {rounds} rounds ({inside} killed inside a truncate), "
+          f"{truncates} truncates, "
+          f"{verified} fsynced blocks verified")
+    assert verified
