@@ -22,6 +22,7 @@ import threading
 
 from .errors import CorruptError, FormatError, QcowError, ReadOnlyError, UnsupportedError
 from .backing import Layer, file_identity, open_backing
+from .fastpath import FastPath
 from .hostfile import HostFile
 from .locking import lock_image
 from .qcow2.allocator import Allocator
@@ -102,6 +103,7 @@ class Image:
         self.detect_zeroes = detect_zeroes
         self._zero_cluster = memoryview(bytes(self.cluster_size) if detect_zeroes != "off" else b"")
         self._compressed_cache: tuple[int, bytes] | None = None
+        self._fast = FastPath(self)
 
     # -- opening --------------------------------------------------------------
 
@@ -207,6 +209,9 @@ class Image:
 
     def read(self, offset: int, length: int) -> bytes:
         """Guest bytes [offset, offset+length), clipped at the virtual size."""
+        data = self._fast.read(offset, length)
+        if data is not None:
+            return data
         if offset < 0 or length < 0:
             raise ValueError("negative offset or length")
         length = max(0, min(length, self.size - offset))
@@ -449,6 +454,8 @@ class Image:
         length = len(view)
         cb, cs = self.cluster_bits, self.cluster_size
         self._prepare_for_write()
+        if self._fast.write(offset, view):
+            return
         if self.header.extended_l2:
             self._write_subclusters(offset, view)
             return
