@@ -49,15 +49,32 @@ class RawFileOperations(pyfuse3.Operations):
         self.direct_io = direct_io
         self.uid = os.getuid()
         self.gid = os.getgid()
+        # Times of the raw file (see _times).  FUSE's auto_inval_data drops every cached
+        # page of a file whose mtime (or size) it sees change in getattr: an mtime that
+        # followed the image file would cost the whole page cache on each small write.
+        host = os.fstat(host_fd)
+        self.mount_times = (host.st_atime_ns, host.st_mtime_ns)
 
     # -- attributes ---------------------------------------------------------
+
+    def _times(self, host: os.stat_result) -> tuple[int, int, int]:
+        """(atime, mtime, ctime) in ns.  Writable mount (we hold the write lock, so we are
+        the only writer): atime and mtime stay the image file's at mount, so our own
+        writes keep the kernel's page cache (it already holds what was written); ctime
+        follows the image file, which every write changes, so tools that look at ctime
+        (tar --newer, borg, restic) see the change; after unmount the image file's own
+        mtime shows it.  Read-only mount: follow the image file, whose mtime changes only
+        under another writer (force-share), and then dropping the cache is right."""
+        if self.image.writable:
+            return (*self.mount_times, host.st_ctime_ns)
+        return host.st_atime_ns, host.st_mtime_ns, host.st_ctime_ns
 
     def _attrs(self, inode: int) -> pyfuse3.EntryAttributes:
         host = os.fstat(self.host_fd)
         a = pyfuse3.EntryAttributes()
         a.st_ino = inode
         a.st_uid, a.st_gid = self.uid, self.gid
-        a.st_atime_ns, a.st_mtime_ns, a.st_ctime_ns = host.st_atime_ns, host.st_mtime_ns, host.st_ctime_ns
+        a.st_atime_ns, a.st_mtime_ns, a.st_ctime_ns = self._times(host)
         a.generation = 0
         a.entry_timeout = a.attr_timeout = 300.0
         a.st_blksize = 4096

@@ -22,6 +22,7 @@ import threading
 
 from .errors import CorruptError, FormatError, QcowError, ReadOnlyError, UnsupportedError
 from .backing import Layer, file_identity, open_backing
+from .fastpath import FastPath
 from .hostfile import HostFile
 from .locking import lock_image
 from .resize import resize_image
@@ -36,6 +37,7 @@ from .qcow2.snapshots import find_snapshot, read_snapshot_table
 from .qcow2.tables import (
     L1E_OFFSET_MASK, L2E_OFFSET_MASK, QCOW_OFLAG_COMPRESSED, QCOW_OFLAG_COPIED, QCOW_OFLAG_ZERO,
     ClusterType, L2Cache, classify, decode_table)
+from .qcow2.zeroes import write_zero_piece
 
 log = logging.getLogger("qcowfuse")
 
@@ -111,8 +113,9 @@ class Image:
         if detect_zeroes not in DETECT_ZEROES_MODES:
             raise ValueError(f"detect_zeroes must be one of {DETECT_ZEROES_MODES}")
         self.detect_zeroes = detect_zeroes
-        self._zero_cluster = bytes(self.cluster_size) if detect_zeroes != "off" else b""
+        self._zero_cluster = memoryview(bytes(self.cluster_size) if detect_zeroes != "off" else b"")
         self._compressed_cache: tuple[int, bytes] | None = None
+        self._fast = FastPath(self)
 
     # -- opening --------------------------------------------------------------
 
@@ -230,6 +233,9 @@ class Image:
 
     def read(self, offset: int, length: int) -> bytes:
         """Guest bytes [offset, offset+length), clipped at the virtual size."""
+        data = self._fast.read(offset, length)
+        if data is not None:
+            return data
         if offset < 0 or length < 0:
             raise ValueError("negative offset or length")
         length = max(0, min(length, self.size - offset))
@@ -479,6 +485,8 @@ class Image:
         self._prepare_for_write()
         if self.bitmaps is not None:  # the one place a guest range is committed
             self.bitmaps.mark(offset, length)
+        if self._fast.write(offset, view):
+            return
         if self.header.extended_l2:
             self._write_subclusters(offset, view)
             return
@@ -491,9 +499,9 @@ class Image:
             table = self._l2_for_write(l1i)
             stop = min(self.l2_entries, l2i + ((offset + length - 1) >> cb) - g + 1)
             if self._zero_cluster:
-                if in_cl == 0 and length - pos >= cs and view[pos:pos + cs] == self._zero_cluster \
-                        and self._write_zero_cluster(table, l1i, l2i):
-                    pos += cs
+                n = min(length - pos, cs - in_cl)
+                if write_zero_piece(self, table, l1i, l2i, g, in_cl, view[pos:pos + n], self._zero_cluster):
+                    pos += n
                     continue
                 stop = l2i + 1  # look at every cluster on its own
             entry = table[l2i]
@@ -613,27 +621,6 @@ class Image:
             pos += n
         if self.l2.over_budget:
             self.flush()
-
-    def _write_zero_cluster(self, table: array.array, l1i: int, l2i: int) -> bool:
-        """A whole cluster of zeros with detect-zeroes: a zero cluster instead of data.
-        False when the format can't say "zeros" here (v2 over a backing file)."""
-        old = table[l2i]
-        kind = classify(old, self.version)
-        if self.version < 3:
-            if self.backing is not None or self.detect_zeroes != "unmap":
-                return False
-            new = 0  # v2 without backing file: unallocated reads as zeros
-        elif self.detect_zeroes == "on" and kind in (ClusterType.NORMAL, ClusterType.ZERO_ALLOC) \
-                and self._in_place(old):
-            new = (old & L2E_OFFSET_MASK) | QCOW_OFLAG_ZERO | QCOW_OFLAG_COPIED  # keep the allocation
-        else:
-            new = QCOW_OFLAG_ZERO
-        if new != old:
-            table[l2i] = new
-            if not new & L2E_OFFSET_MASK:
-                self._release(old)
-            self.l2.mark_dirty(self._l2_offset(l1i))
-        return True
 
     def _check_fresh(self, first: int, count: int) -> None:
         """A newly allocated run must not be metadata (a refcount of 0 on a table)."""

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 BENCH = Path(__file__).resolve().parent.parent / "scripts" / "bench"
-TOOLS = ("fio", "qemu-img", "qemu-storage-daemon", "fusermount3", "losetup", "mkfs.ext4")
+TOOLS = ("fio", "qemu-img", "qemu-storage-daemon", "qemu-nbd", "nbdfuse", "fusermount3", "losetup",
+         "mkfs.ext4")
 
 
 def mounts_under(root: Path) -> list[str]:
@@ -42,12 +43,15 @@ def test_bench_quick_runs_and_cleans_up(tmp_path):
     elapsed = time.monotonic() - start
     out = r.stdout + r.stderr
     assert r.returncode == 0, out
-    assert re.search(r"^job\s+unit\s+raw best/med\s+qsd best/med\s+qcowfuse best/med\s+qcowfuse/qsd$",
+    assert re.search(r"^job\s+unit\s+raw best/med\s+passthrough best/med\s+qsd best/med\s+nbdfuse best/med"
+                     r"\s+qcowfuse best/med\s+qcowfuse/qsd\s+qcowfuse/passthrough\s+qcowfuse/nbdfuse$",
                      r.stdout, re.M), out
     assert re.search(r"^bench: \d+ passed, \d+ failed$", r.stdout, re.M), out
     assert not mounts_under(tmp_path), f"bench left mounts behind: {mounts_under(tmp_path)}"
     assert not loops_under(tmp_path), f"bench left loop devices behind: {loops_under(tmp_path)}"
     assert [p.name for p in tmp_path.iterdir()] == ["out.json"], "bench left files behind"
     results = json.loads((tmp_path / "out.json").read_text())
-    assert set(results["jobs"]) >= {"seq-write-1M", "randread-4K-1j", "boundary-stream", "ext4-untar"}
+    assert set(results["jobs"]) >= {"seq-write-1M", "randread-4K-1j", "reread", "boundary-stream", "ext4-untar"}
+    for job in ("seq-read-1M", "randread-4K-1j", "randwrite-4K-1j", "reread"):
+        assert set(results["jobs"][job]["samples"]) == {"raw", "passthrough", "qsd", "nbdfuse", "qcowfuse"}
     assert elapsed < 120, f"--quick took {elapsed:.0f} s"

@@ -61,7 +61,10 @@ def encode_table(t: array.array) -> bytes:
 
 
 class L2Cache:
-    """LRU cache of L2 tables keyed by host offset; dirty tables stay until written."""
+    """LRU cache of L2 tables keyed by host offset; dirty tables stay until written.
+
+    The most recently used table is remembered apart: a hit on it (most requests, as
+    they come in runs) needs no LRU bookkeeping, since it is already last in the order."""
 
     def __init__(self, f: HostFile, cluster_size: int, max_bytes: int) -> None:
         self.f = f
@@ -69,16 +72,28 @@ class L2Cache:
         self.max_tables = max(4, max_bytes // cluster_size)
         self.tables: OrderedDict[int, array.array] = OrderedDict()
         self.dirty: set[int] = set()
+        self._mru_offset = 0  # 0: none (no L2 table lives at offset 0, the header does)
+        self._mru: array.array | None = None
 
-    def get(self, offset: int) -> array.array:
+    def peek(self, offset: int) -> array.array | None:
+        """The table at offset if cached (counts as a use), else None; never reads."""
+        if offset == self._mru_offset:
+            return self._mru
         t = self.tables.get(offset)
         if t is not None:
             self.tables.move_to_end(offset)
+            self._mru_offset, self._mru = offset, t
+        return t
+
+    def get(self, offset: int) -> array.array:
+        t = self.peek(offset) if offset else None
+        if t is not None:
             return t
         if offset % self.cluster_size:
             raise CorruptError(f"L2 table at unaligned offset {offset:#x}")
         t = decode_table(self.f.pread(offset, self.cluster_size))
         self.tables[offset] = t
+        self._mru_offset, self._mru = offset, t
         self._evict()
         return t
 
@@ -86,6 +101,7 @@ class L2Cache:
         """A table that exists only in memory so far (new or copied on write)."""
         self.tables[offset] = table
         self.dirty.add(offset)
+        self._mru_offset, self._mru = offset, table
 
     def mark_dirty(self, offset: int) -> None:
         self.dirty.add(offset)
@@ -93,6 +109,8 @@ class L2Cache:
     def forget(self, offset: int) -> None:
         self.tables.pop(offset, None)
         self.dirty.discard(offset)
+        if offset == self._mru_offset:
+            self._mru_offset, self._mru = 0, None
 
     @property
     def over_budget(self) -> bool:
@@ -100,6 +118,8 @@ class L2Cache:
 
     def _evict(self) -> None:
         evict_clean(self.tables, self.dirty, self.max_tables)
+        if self._mru_offset and self._mru_offset not in self.tables:
+            self._mru_offset, self._mru = 0, None
 
     def write_dirty(self) -> bool:
         for off in sorted(self.dirty):

@@ -1,0 +1,74 @@
+"""The common small request, without the general machinery: a read or an in-place write
+that stays inside one guest cluster whose L2 table is in the cache and whose L2 entry is
+plain data (an overwrite of a cluster this image owns, COPIED).
+
+Everything else, and anything unusual about these (an unaligned host offset, a table
+not cached, a write that allocates), returns "not handled" and takes the general path
+in image.py, which owns every check and error.  The one check a fast write needs, that
+guest data never lands on metadata or past the end of the file (QEMU's overlap check),
+is the general path's own.  Extended L2 entries and detect-zeroes always take the
+general path.  Constants are derived once here, not per request.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .qcow2.tables import (
+    L1E_OFFSET_MASK, L2E_OFFSET_MASK, QCOW_OFLAG_COMPRESSED, QCOW_OFLAG_COPIED, QCOW_OFLAG_ZERO)
+
+if TYPE_CHECKING:
+    from .image import Image
+
+
+class FastPath:
+    def __init__(self, img: "Image") -> None:
+        self.img = img
+        self.cluster_bits = img.cluster_bits
+        self.in_cluster = img.cluster_size - 1
+        self.l2_bits = img.l2_bits
+        self.l2_index = img.l2_entries - 1
+        # entries with these bits are not plain data (the zero flag exists from v3)
+        self.special = QCOW_OFLAG_COMPRESSED | (QCOW_OFLAG_ZERO if img.version >= 3 else 0)
+        self.reads = not img.header.extended_l2
+        self.writes = self.reads and img.detect_zeroes == "off"
+
+    def _host(self, offset: int, length: int, for_write: bool) -> int:
+        """Host offset of guest [offset, offset+length), or -1 when not a fast case."""
+        img = self.img
+        in_cl = offset & self.in_cluster
+        if offset < 0 or length <= 0 or in_cl + length > self.in_cluster + 1 or offset + length > img.size:
+            return -1
+        g = offset >> self.cluster_bits
+        l1e = img.l1[g >> self.l2_bits]
+        if for_write and not l1e & QCOW_OFLAG_COPIED:
+            return -1  # the L2 table is shared: copy it first (general path)
+        table = img.l2.peek(l1e & L1E_OFFSET_MASK)
+        if table is None:
+            return -1
+        entry = table[g & self.l2_index]
+        host = entry & L2E_OFFSET_MASK
+        if not host or entry & self.special or host & self.in_cluster:
+            return -1
+        if for_write and not entry & QCOW_OFLAG_COPIED:
+            return -1  # maybe shared with a snapshot: the general path decides
+        return host + in_cl
+
+    def read(self, offset: int, length: int) -> bytes | None:
+        if not self.reads:
+            return None
+        img = self.img
+        with img._lock:
+            host = self._host(offset, length, False)
+            return img.f.pread(host, length) if host >= 0 else None
+
+    def write(self, offset: int, view: memoryview) -> bool:
+        """Called with the image lock held, after the first-write preparation."""
+        if not self.writes:
+            return False
+        host = self._host(offset, len(view), True)
+        if host < 0:
+            return False
+        self.img._check_data_target(host >> self.cluster_bits, 1)
+        self.img.f.pwrite(host, view)
+        return True
