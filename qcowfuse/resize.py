@@ -31,7 +31,7 @@ import struct
 from typing import TYPE_CHECKING
 
 from .errors import CorruptError, QcowError, ReadOnlyError
-from .qcow2.header import AUTOCLEAR_BITMAPS, EXT_BITMAPS, MAX_HOST_OFFSET, MAX_L1_BYTES
+from .qcow2.header import MAX_HOST_OFFSET, MAX_L1_BYTES
 from .qcow2.l1 import grow_l1_table, l1_entries_for
 from .qcow2.tables import (L1E_OFFSET_MASK, L2E_OFFSET_MASK, QCOW_OFLAG_COMPRESSED, QCOW_OFLAG_ZERO,
                            ClusterType, classify)
@@ -74,6 +74,8 @@ def resize_image(img: Image, new_size: int) -> None:
                 _grow(img, new_size)
             else:
                 _shrink(img, new_size)
+            if img.bitmaps is not None:
+                img.bitmaps.resize(new_size)  # in memory; stored at close with the new size
             img.flush()  # everything the new size relies on, before the size itself
             img.f.pwrite(OFF_SIZE, struct.pack(">Q", new_size))
             img.f.sync()
@@ -91,9 +93,11 @@ def _refuse(img: Image, new_size: int) -> None:
         raise ResizeError("Failed to grow the L1 table: File too large", errno.EFBIG)
     if new_size == img.size:
         return
-    if h.autoclear_features & AUTOCLEAR_BITMAPS and any(t == EXT_BITMAPS for t, _ in h.extensions):
-        raise ResizeError("cannot resize an image with persistent dirty bitmaps yet "
-                          "(qemu-img resize can)", errno.EOPNOTSUPP)
+    if img.bitmaps is not None:
+        stale = [bm.name for bm in img.bitmaps.list if bm.in_use and bm not in img.bitmaps.tracked]
+        if stale:  # as QEMU's qcow2_truncate_bitmaps_check: it cannot resize what it can't trust
+            raise ResizeError(f"cannot resize: bitmap '{stale[0]}' is inconsistent (in use); remove "
+                              f"it first (qemu-img bitmap --remove)", errno.EOPNOTSUPP)
     if img.snapshots and img.version < 3:
         raise ResizeError("Can't resize a v2 image which has snapshots", errno.EOPNOTSUPP)
     for s in img.snapshots:

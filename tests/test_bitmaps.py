@@ -302,3 +302,44 @@ def test_sigkill_leaves_bitmaps_in_use_never_wrong(tmp_path, mount):
         run("qemu-img", "bitmap", "--remove", str(img), name)
     run("qemu-img", "check", "-r", "leaks", str(img), check=False)
     assert_clean(img)
+
+
+# -- resizing: bitmaps follow the disk, as QEMU's do ------------------------------------------
+
+def test_bitmaps_follow_grow_and_shrink_as_qemu_does(tmp_path, mount):
+    """The same writes and resizes done by QEMU (qemu-io, qemu-img resize) on a copy give
+    the same bitmaps: grown through a mount with truncate, shrunk and grown offline."""
+    ours = bitmap_image(tmp_path, size=64 * MiB)
+    theirs = tmp_path / "theirs.qcow2"
+    theirs.write_bytes(ours.read_bytes())
+    first, second = (50 * MiB + 512, 70000), (90 * MiB + 4096, 3 * MiB)
+    target = tmp_path / "r.raw"
+    target.touch()
+    with mount(ours, target) as (raw, _):
+        write_raw(raw, first[0], os.urandom(first[1]))
+        os.truncate(raw, 100 * MiB)
+        assert raw.stat().st_size == 100 * MiB
+        write_raw(raw, second[0], os.urandom(second[1]))
+    qemu_io(theirs, f"write {first[0]} {first[1]}")
+    run("qemu-img", "resize", str(theirs), str(100 * MiB))
+    qemu_io(theirs, f"write {second[0]} {second[1]}")
+    for img in (ours, theirs):
+        assert_clean(img)
+    for name in ("b0", "b1", "off"):
+        assert dirty_ranges(ours, name) == dirty_ranges(theirs, name), name
+    assert bitmap_flags(ours) == bitmap_flags(theirs)
+    # bits past a shrink's new end (QEMU zeroes, unmapped there), shrink, grow again: the
+    # cut-off range comes back clean, and the partial last granule's bit is kept
+    for img, tool in ((ours, "qcowfuse"), (theirs, "qemu-img")):
+        qemu_io(img, "write -z -u 97M 2M")
+        if tool == "qcowfuse":
+            r = run_cli("resize", "--shrink", str(img), str(97 * MiB + 512))
+            assert r.returncode == 0, r.stderr
+            r = run_cli("resize", str(img), str(120 * MiB))
+            assert r.returncode == 0, r.stderr
+        else:
+            run("qemu-img", "resize", "--shrink", str(img), str(97 * MiB + 512))
+            run("qemu-img", "resize", str(img), str(120 * MiB))
+        assert_clean(img)
+    for name in ("b0", "b1", "off"):
+        assert dirty_ranges(ours, name) == dirty_ranges(theirs, name), name

@@ -236,6 +236,8 @@ class Bitmaps:
         self._chunks: dict[tuple[str, int], bytearray] = {}  # touched data, in memory
         self._spilled: dict[tuple[str, int], int] = {}  # touched data, in a new cluster
         self._touched: dict[str, set[int]] = {}
+        self._disk_tables: dict[str, array.array] = {}  # each tracked table as on disk
+        self._orphans: list[int] = []  # spilled clusters no chunk needs any more
 
     @staticmethod
     def present(header: Header) -> bool:
@@ -345,7 +347,8 @@ class Bitmaps:
         self._alloc = alloc
         self.tracked = [bm for bm in self.list if not bm.in_use]
         self._enabled = [bm for bm in self.tracked if bm.enabled]
-        self._touched = {bm.name: set() for bm in self._enabled}
+        self._touched = {bm.name: set() for bm in self.tracked}
+        self._disk_tables = {bm.name: array.array("Q", bm.table) for bm in self.tracked}
         if self.tracked:
             for bm in self.tracked:
                 bm.flags |= BME_FLAG_IN_USE
@@ -387,7 +390,9 @@ class Bitmaps:
         if len(self._chunks) * self.cs > self.chunk_budget:
             self._spill()
 
-    def _chunk_for_write(self, bm: Bitmap, idx: int) -> bytearray | None:
+    def _chunk_for_write(self, bm: Bitmap, idx: int, ones: bool = False) -> bytearray | None:
+        """Data cluster idx, held in memory to be changed; None if it is all ones
+        (nothing to set), unless `ones` asks for it anyway."""
         key = (bm.name, idx)
         buf = self._chunks.get(key)
         if buf is not None:
@@ -396,7 +401,9 @@ class Bitmaps:
             return None  # beyond the table (cannot happen for a valid bitmap)
         data = self._chunk_bytes(bm, idx)
         if data is None:
-            return None
+            if not ones:
+                return None
+            data = b"\xff" * self.cs
         buf = self._chunks[key] = bytearray(data)
         self._touched[bm.name].add(idx)
         return buf
@@ -410,6 +417,30 @@ class Bitmaps:
             self.f.pwrite(self._spilled[key], buf)
             del self._chunks[key]
 
+    def resize(self, new_size: int) -> None:
+        """The guest disk changes size: every tracked bitmap's table follows it (QEMU
+        truncates its in-memory bitmaps); bits past the new end are cleared, so growing
+        again later shows that space clean."""
+        assert self.writing, "resize after the first-write preparation"
+        self.disk_size = new_size
+        per_chunk = self.cs * 8
+        for bm in self.tracked:
+            want = table_size_for(new_size, bm.granularity_bits, self.cs)
+            for idx in range(want, len(bm.table)):
+                key = (bm.name, idx)
+                self._chunks.pop(key, None)
+                if key in self._spilled:
+                    self._orphans.append(self._spilled.pop(key))
+                self._touched[bm.name].discard(idx)
+            del bm.table[want:]
+            bm.table.extend([0] * (want - len(bm.table)))
+            granules = -(-new_size >> bm.granularity_bits)
+            base = (want - 1) * per_chunk
+            if want and granules < base + per_chunk and self._chunk_bytes(bm, want - 1) != bytes(self.cs):
+                buf = self._chunk_for_write(bm, want - 1, ones=True)
+                assert buf is not None
+                _clear_bits_from(buf, granules - base)
+
     # -- storing at close -------------------------------------------------------------
 
     def store(self, free_later: Callable[[int], None], flush: Callable[[], None]) -> None:
@@ -422,15 +453,13 @@ class Bitmaps:
             return
         alloc, cs, cb = self._alloc, self.cs, self.cb
         old: list[tuple[int, int]] = [(self.ext.directory_offset, self.ext.directory_size)]
-        for bm in self._enabled:
-            touched = sorted(self._touched.get(bm.name, ()))
-            if not touched:
-                continue
-            table = array.array("Q", bm.table)
-            for idx in touched:
+        for bm in self.tracked:
+            disk = self._disk_tables[bm.name]
+            table = bm.table  # resized with the disk; entries of touched chunks change below
+            for idx in sorted(self._touched[bm.name]):
                 data = self._chunk_bytes(bm, idx)
                 key = (bm.name, idx)
-                prev = bm.table[idx] & BME_TABLE_ENTRY_OFFSET_MASK
+                prev = disk[idx] & BME_TABLE_ENTRY_OFFSET_MASK if idx < len(disk) else 0
                 if prev and key not in self._spilled and data == _read(self.f, prev, cs):
                     continue  # only bits that were set already: keep the old cluster
                 if prev:
@@ -443,13 +472,15 @@ class Bitmaps:
                 where = self._spilled.get(key) or alloc(1) << cb
                 self.f.pwrite(where, data)
                 table[idx] = where
-            if table == bm.table:
+            old += [(e & BME_TABLE_ENTRY_OFFSET_MASK, cs) for e in disk[len(table):]
+                    if e & BME_TABLE_ENTRY_OFFSET_MASK]  # cut off by a shrink
+            if table == disk:
                 continue
             n = -(-len(table) * 8 // cs)
             new_table = alloc(n) << cb
             self.f.pwrite(new_table, encode_table(table).ljust(n * cs, b"\0"))
             old.append((bm.table_offset, bm.table_size * 8))
-            bm.table_offset, bm.table = new_table, table
+            bm.table_offset, bm.table_size = new_table, len(table)
         for bm in self.tracked:
             bm.flags &= ~BME_FLAG_IN_USE
         directory = self._directory_bytes()
@@ -465,10 +496,21 @@ class Bitmaps:
             last = (off + max(1, length) - 1) >> cb
             for c in range(off >> cb, last + 1):
                 free_later(c)
+        for where in self._orphans:
+            free_later(where >> cb)
+        self._orphans.clear()
         self._chunks.clear()
         self._spilled.clear()
         self._touched = {}
         flush()
+
+
+def _clear_bits_from(buf: bytearray, lo: int) -> None:
+    """Clear bit lo and every bit after it."""
+    byte = lo >> 3
+    if byte < len(buf):
+        buf[byte] &= (1 << (lo & 7)) - 1
+        buf[byte + 1:] = bytes(len(buf) - byte - 1)
 
 
 def _set_bits(buf: bytearray, lo: int, hi: int) -> None:
