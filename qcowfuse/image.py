@@ -30,7 +30,7 @@ from .qcow2.allocator import Allocator
 from .qcow2.bitmaps import Bitmaps
 from .qcow2.compressed import CompressedDescriptor, decompress
 from .qcow2.header import (
-    AUTOCLEAR_BITMAPS, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, MAX_CLUSTER_BITS,
+    AUTOCLEAR_BITMAPS, CRYPT_NAMES, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, MAX_CLUSTER_BITS,
     OFF_AUTOCLEAR_FEATURES, OFF_INCOMPATIBLE_FEATURES, Header)
 from .qcow2.refcounts import RefcountStore
 from .qcow2.snapshots import find_snapshot, read_snapshot_table
@@ -67,7 +67,7 @@ class Image:
                  snapshot: str | None = None, repair: bool = False, detect_zeroes: str = "off",
                  l2_cache_bytes: int = DEFAULT_L2_CACHE_BYTES,
                  refcount_cache_bytes: int = DEFAULT_REFCOUNT_CACHE_BYTES) -> None:
-        self._refuse_unsupported(header, writable and not repair)
+        self._refuse_unsupported(header, writable and not repair, for_check=repair)
         self.f = f
         self.header = header
         self.writable = writable
@@ -181,7 +181,10 @@ class Image:
         return Header.parse(f.pread(0, min(size, 1 << MAX_CLUSTER_BITS)), size)
 
     @staticmethod
-    def _refuse_unsupported(h: Header, writable: bool) -> None:
+    def _refuse_unsupported(h: Header, writable: bool, for_check: bool) -> None:
+        if h.crypt_method and not for_check:  # check needs no key: metadata is not encrypted
+            raise UnsupportedError(f"encrypted images are not supported ({CRYPT_NAMES[h.crypt_method]}); "
+                                   f"'qcowfuse check' can still check and repair their refcounts")
         if writable and h.incompatible_features & INCOMPAT_CORRUPT:
             raise UnsupportedError("image is marked corrupt: mount it read-only (-o ro), or repair it "
                                    "with 'qcowfuse check --repair all' first")

@@ -25,7 +25,7 @@ import numpy as np
 from ..errors import FormatError, UnsupportedError
 from ..progress import Progress, TerminalProgress, scaled
 from .allocator import Allocator
-from .header import MAX_REFTABLE_BYTES, OFF_REFCOUNT_TABLE
+from .header import CRYPT_LUKS, EXT_CRYPTO, MAX_REFTABLE_BYTES, OFF_REFCOUNT_TABLE
 from .references import (
     COPIED_REF, REFCOUNT_ONE, REFCOUNT_UNKNOWN, UNCOPIED_REF, References)
 from .refcounts import RefcountStore
@@ -93,10 +93,25 @@ class Checker:
         self.cb = img.cluster_bits
         self.progress = progress
         self.extra_ranges = list(extra_ranges or [])
-        self._bitmap_errors: list[str] = []
+        self._structure_errors: list[str] = []
         # structures whose clusters could not all be counted: a repair would guess
         self.unaccounted: list[str] = []
         self._add_bitmaps()
+        self._add_crypto_header()
+
+    def _add_crypto_header(self) -> None:
+        """The LUKS header area (encryption header pointer extension: offset u64, length
+        u64), counted like any metadata (QEMU's qcow2_check_refcounts)."""
+        h = self.img.header
+        if h.crypt_method != CRYPT_LUKS:
+            return
+        data = h.extension(EXT_CRYPTO)
+        if data is None or len(data) != 16:
+            self._structure_errors.append("ERROR LUKS image without a valid encryption header extension")
+            self.unaccounted.append("the LUKS header")
+            return
+        offset, length = struct.unpack(">QQ", data)
+        self.extra_ranges.append((offset, length))
 
     def _add_bitmaps(self) -> None:
         """Directory, tables and data clusters of persistent bitmaps (QEMU's
@@ -104,11 +119,11 @@ class Checker:
         corruption no repair may touch: its clusters cannot be accounted for."""
         img = self.img
         if img.bitmap_error is not None:
-            self._bitmap_errors.append(f"ERROR bitmaps: {img.bitmap_error}")
+            self._structure_errors.append(f"ERROR bitmaps: {img.bitmap_error}")
             self.unaccounted.append(f"persistent bitmaps ({img.bitmap_error})")
         elif img.bitmaps is not None:
-            self.extra_ranges += [(r.offset, r.length) for r in img.bitmaps.references(self._bitmap_errors)]
-            if self._bitmap_errors:
+            self.extra_ranges += [(r.offset, r.length) for r in img.bitmaps.references(self._structure_errors)]
+            if self._structure_errors:
                 self.unaccounted.append("persistent bitmap tables with invalid entries")
 
     # -- counting references ----------------------------------------------------
@@ -118,8 +133,8 @@ class Checker:
         if self.f.size() > (1 << 31) * self.cs:
             raise UnsupportedError("image file too large to check (more than 2^31 clusters)")
         refs = References(self.img, fix_errors, scaled(self.progress, 0.0, 0.9), self.extra_ranges)
-        report.messages += self._bitmap_errors
-        report.corruptions += len(self._bitmap_errors)
+        report.messages += self._structure_errors
+        report.corruptions += len(self._structure_errors)
         refs.count()
         self._add_walk(report, refs)
         return refs

@@ -68,6 +68,9 @@ FEATURE_NAMES = {
 _FEATURE_KINDS = {0: "incompatible", 1: "compatible", 2: "autoclear"}
 
 CRYPT_NONE = 0
+CRYPT_AES = 1
+CRYPT_LUKS = 2
+CRYPT_NAMES = {CRYPT_NONE: "none", CRYPT_AES: "AES", CRYPT_LUKS: "LUKS"}
 COMPRESSION_DEFLATE = 0
 COMPRESSION_ZSTD = 1
 
@@ -173,9 +176,8 @@ class Header:
             raise FormatError("extended L2 entries need clusters of at least 16 KiB")
         if self.refcount_order > MAX_REFCOUNT_ORDER:
             raise FormatError(f"invalid refcount_order {self.refcount_order} (must be 0..6)")
-        if self.crypt_method != CRYPT_NONE:
-            kind = {1: "AES", 2: "LUKS"}.get(self.crypt_method, f"method {self.crypt_method}")
-            raise UnsupportedError(f"encrypted images are not supported ({kind})")
+        if self.crypt_method not in CRYPT_NAMES:
+            raise UnsupportedError(f"unknown encryption method {self.crypt_method}")
         if file_size < cs:
             raise NotQcow2Error("not a qcow2 image: file is shorter than one cluster")
         if self.size >= MAX_HOST_OFFSET:
