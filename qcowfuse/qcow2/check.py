@@ -385,6 +385,7 @@ class Checker:
             before_corruptions, before_leaks = report.corruptions, report.leaks
             refs.drop_refcount_structures()
             self.rebuild_refcounts(refs.counts)
+            report.rebuilt = True
             # the data references are unchanged: count only the new refcount structures
             after = CheckReport(report.filename, total_clusters=report.total_clusters)
             refs.rebuild = False
