@@ -305,6 +305,11 @@ def test_truncate_through_mount(tmp_path, mount):
             os.truncate(raw, 16 * MiB)
         assert e.value.errno == errno.EROFS
         assert raw.stat().st_size == 9 * MiB
+    (tmp_path / "dir").mkdir()
+    with mount(path, tmp_path / "dir") as (raw, _):  # the file inside a directory mount
+        os.truncate(raw, 12 * MiB)
+        assert raw.stat().st_size == 12 * MiB and os.listdir(tmp_path / "dir") == [raw.name]
+    assert info(path)["virtual-size"] == 12 * MiB
     qemu.run("qemu-img", "snapshot", "-c", "s1", str(path))
     with mount(path, tmp_path / "snap.raw", "-o", "snapshot=s1") as (raw, _):
         with pytest.raises(OSError) as e:
