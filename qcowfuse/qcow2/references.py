@@ -115,9 +115,10 @@ class References:
         past = keep & (offset + size - self.file_size >= self.cs)
         if past.any():
             for o, s, k in zip(offset[past].tolist(), size[past].tolist(), w[past].tolist()):
-                for _ in range(k):
-                    self._error(f"ERROR: counting reference for region exceeding the end of the file "
-                                f"by one cluster or more: offset {o:#x} size {s:#x}")
+                # one line for all the L1 entries that lead here (QEMU prints one for each)
+                self._error(f"ERROR: counting reference for region exceeding the end of the file "
+                            f"by one cluster or more: offset {o:#x} size {s:#x}"
+                            + (f" ({k} times)" if k > 1 else ""), k)
             keep &= ~past
         offset, size, w = offset[keep], size[keep], w[keep]
         if not len(offset):
