@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 from typing import TYPE_CHECKING
@@ -360,6 +361,8 @@ SUBCOMMANDS = {"info": info_main, "check": check_main, "map": map_main, "resize"
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in SUBCOMMANDS:
+        # numpy's BLAS is unused here: don't pay for starting its thread pool
+        os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
         return SUBCOMMANDS[argv[0]](argv[1:])
     if argv and argv[0] == "mount":
         argv = argv[1:]

@@ -104,3 +104,26 @@ def test_map_over_backing_file_with_extended_l2(tmp_path):
     a, b = map_json(top)
     assert a == b
     assert_same_counts(top)
+
+
+def test_progress_only_on_a_terminal_after_a_second(monkeypatch):
+    """The bar appears after a second of work, on a terminal, for human output only."""
+    import io
+
+    from qcowfuse import cli, progress
+    clock = [100.0]
+    monkeypatch.setattr(progress.time, "monotonic", lambda: clock[0])
+    out = io.StringIO()
+    bar = progress.TerminalProgress(out, "checking")
+    bar(0.1)
+    assert out.getvalue() == ""  # under a second: nothing
+    clock[0] += 1.5
+    bar(0.5)
+    assert "checking:  50.0%" in out.getvalue()
+    bar.done()
+    assert out.getvalue().endswith("\r")
+    monkeypatch.setattr(progress.sys.stderr, "isatty", lambda: True, raising=False)
+    assert cli._progress("json", "mapping") is None
+    assert cli._progress("human", "mapping") is not None
+    monkeypatch.setattr(progress.sys.stderr, "isatty", lambda: False, raising=False)
+    assert cli._progress("human", "mapping") is None

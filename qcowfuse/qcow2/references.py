@@ -115,9 +115,10 @@ class References:
         past = keep & (offset + size - self.file_size >= self.cs)
         if past.any():
             for o, s, k in zip(offset[past].tolist(), size[past].tolist(), w[past].tolist()):
-                for _ in range(k):
-                    self._error(f"ERROR: counting reference for region exceeding the end of the file "
-                                f"by one cluster or more: offset {o:#x} size {s:#x}")
+                # one line for all the L1 entries that lead here (QEMU prints one for each)
+                self._error(f"ERROR: counting reference for region exceeding the end of the file "
+                            f"by one cluster or more: offset {o:#x} size {s:#x}"
+                            + (f" ({k} times)" if k > 1 else ""), k)
             keep &= ~past
         offset, size, w = offset[keep], size[keep], w[keep]
         if not len(offset):
@@ -279,8 +280,22 @@ class References:
             alloc = bm & u64(0xFFFFFFFF)
             plain &= ((bm >> u64(32)) & alloc) == 0
             plain &= ((e & u64(OFFSET_MASK)) != 0) | (alloc == 0)
+        uniform = w_all.min() == w_all.max()
         if not plain.all():
-            rest = t.take(~plain)
+            # compressed clusters without COPIED (or a bitmap): their byte ranges, counted
+            comp = ~plain & ((e & u64(OFLAG_COMPRESSED | OFLAG_COPIED)) == u64(OFLAG_COMPRESSED))
+            if ext:
+                comp &= t.bitmap == 0
+            if comp.any():
+                rows = t.row[comp]
+                coff, csize = compressed_ranges(e[comp], cb)
+                self.add_ranges(coff.astype(np.int64), csize.astype(np.int64),
+                                int(w_all[0]) if uniform else w_all[rows])
+                n_active = int(w_active[rows].sum())
+                self.stats.allocated += n_active
+                self.stats.compressed += n_active
+                self.stats.fragmented += n_active
+            rest = t.take(~plain & ~comp)
             rest_normal = self._count_special(table_offsets, rest, w_all, w_active, ext)
             t = t.take(plain)
         else:
@@ -288,7 +303,6 @@ class References:
         normal = (t.entry & u64(OFFSET_MASK)) != 0
         rows, cols, entries = t.row[normal], t.col[normal], t.entry[normal]
         clusters = ((entries & u64(OFFSET_MASK)) >> u64(cb)).astype(np.int64)
-        uniform = w_all.min() == w_all.max()
         self.add_clusters(clusters, int(w_all[0]) if uniform else w_all[rows])
         if rest_normal is not None and rest_normal.any():  # merge back into table order
             rows = np.concatenate([rows, rest.row[rest_normal]])
