@@ -71,9 +71,18 @@ def probe_format(path: str) -> str:
         return "qcow2" if fh.read(4) == MAGIC else "raw"
 
 
+class QcowOpener(Protocol):
+    """How a qcow2 backing file is opened: Image.open, passed in by the image, so that
+    this module needs no import of it."""
+
+    def __call__(self, path: str, *, writable: bool, lock: bool,
+                 _seen: frozenset[tuple[int, int]]) -> Layer: ...
+
+
 def open_backing(name: str, fmt: str | None, referrer: str, seen: frozenset[tuple[int, int]],
-                 lock: bool, chosen: bool = False) -> Layer:
-    """Open the backing file `name` that image `referrer` names, and its own chain.
+                 lock: bool, open_qcow2: QcowOpener, chosen: bool = False) -> Layer:
+    """Open the backing file `name` that image `referrer` names, and its own chain
+    (qcow2 layers with `open_qcow2`).
 
     A name taken from an image must be a regular file: an image that names a device,
     a FIFO or a socket is refused (a hostile image could otherwise show any device to
@@ -91,22 +100,20 @@ def open_backing(name: str, fmt: str | None, referrer: str, seen: frozenset[tupl
         raise QcowError(f"backing file {path} (named by {referrer}) is not a regular file"
                         + ("" if chosen else "; name it with -o backing=PATH if you mean it"))
     try:
-        return _open_layer(path, fmt, referrer, seen, lock)
+        return _open_layer(path, fmt, referrer, seen, lock, open_qcow2)
     except OSError as e:
         raise QcowError(f"backing file {path}: {e.strerror}") from None
 
 
 def _open_layer(path: str, fmt: str | None, referrer: str, seen: frozenset[tuple[int, int]],
-                lock: bool) -> Layer:
-    from .image import Image
-
+                lock: bool, open_qcow2: QcowOpener) -> Layer:
     key = file_identity(path)
     if key in seen:
         raise FormatError(f"backing chain loops: {referrer} names {path}, which is already in the chain")
     fmt = fmt or probe_format(path)
     if fmt == "qcow2":
         try:
-            return Image.open(path, writable=False, lock=lock, _seen=seen | {key})
+            return open_qcow2(path, writable=False, lock=lock, _seen=seen | {key})
         except QcowError as e:
             msg = str(e)
             raise type(e)(msg if path in msg or "backing" in msg else f"backing file {path}: {msg}") from None

@@ -130,7 +130,7 @@ def _runs(starts, lengths, kinds, hosts) -> list[tuple[int, int, int, int]]:
 def _qcow2_runs(img: Image, start: int, end: int, progress: Progress | None
                 ) -> Iterator[tuple[int, int, int, int]]:
     """Runs (start, length, kind, host) covering [start, end) of one qcow2 layer."""
-    cb, cs = img.cluster_bits, img.cluster_size
+    cs = img.cluster_size
     span = cs << img.l2_bits
     ext = img.header.extended_l2
     first, last = start // span, (end - 1) // span

@@ -86,7 +86,6 @@ def resize_image(img: Image, new_size: int) -> None:
 
 
 def _refuse(img: Image, new_size: int) -> None:
-    h = img.header
     if new_size < 0 or new_size % SECTOR_SIZE:
         raise ResizeError(f"The new size must be a multiple of {SECTOR_SIZE}", errno.EINVAL)
     if new_size >= MAX_HOST_OFFSET:

@@ -60,3 +60,19 @@ def qemu_io(path: Path, *commands: str, read_only: bool = False, fmt: str = "qco
 def convert_to_raw(image: Path, raw: Path) -> Path:
     run("qemu-img", "convert", "-O", "raw", str(image), str(raw))
     return raw
+
+
+LUKS_SECRET = ["--object", "secret,id=sec0,data=123456"]
+
+
+def create_luks(path: Path, size: int, cluster_size: int = 65536) -> Path:
+    """A LUKS-encrypted qcow2 image (key secret sec0).  LUKS creation times its key
+    derivation and, on a loaded machine, may fail with "Unable to get accurate CPU
+    usage": try again then."""
+    for attempt in range(5):
+        r = run("qemu-img", "create", "-q", "-f", "qcow2", *LUKS_SECRET,
+                "-o", f"encrypt.format=luks,encrypt.key-secret=sec0,cluster_size={cluster_size}",
+                str(path), str(size), check=attempt == 4)
+        if r.returncode == 0:
+            return path
+    return path

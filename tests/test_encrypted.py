@@ -9,9 +9,8 @@ from pathlib import Path
 
 from cli_helpers import assert_refused
 from conftest import run_cli
-from qemu import run
-
-SECRET = ["--object", "secret,id=sec0,data=123456"]
+from qemu import LUKS_SECRET as SECRET
+from qemu import create_luks, run
 
 
 def qemu_check(img: Path) -> dict:
@@ -23,9 +22,7 @@ def qemu_check(img: Path) -> dict:
 
 
 def luks_image(tmp_path: Path) -> Path:
-    img = tmp_path / "luks.qcow2"
-    run("qemu-img", "create", "-q", "-f", "qcow2", *SECRET,
-        "-o", "encrypt.format=luks,encrypt.key-secret=sec0,cluster_size=4096", str(img), "16M")
+    img = create_luks(tmp_path / "luks.qcow2", 16 << 20, cluster_size=4096)
     run("qemu-io", *SECRET, "--image-opts", "-c", "write -P 7 0 1M", "-c", "write -P 8 8M 64k",
         f"driver=qcow2,file.filename={img},encrypt.key-secret=sec0")
     return img

@@ -16,10 +16,10 @@ from typing import Callable
 import pytest
 
 from conftest import mounted, run_cli
-from qemu import check, compare_raw, convert_to_raw, create, qemu_io, run
+from qemu import LUKS_SECRET as SECRET
+from qemu import check, compare_raw, convert_to_raw, create, create_luks, qemu_io, run
 
 MiB = 1 << 20
-SECRET = ["--object", "secret,id=sec0,data=123456"]
 
 
 def _bitmaps(img: Path) -> None:
@@ -79,8 +79,7 @@ def _plain(img: Path) -> None:
 
 def _luks(img: Path) -> None:
     os.unlink(img)
-    run("qemu-img", "create", "-q", "-f", "qcow2", *SECRET,
-        "-o", "encrypt.format=luks,encrypt.key-secret=sec0", str(img), "8M")
+    create_luks(img, 8 * MiB)
 
 
 # name: (create options, how to fill it)

@@ -1,0 +1,303 @@
+"""The write path, top to bottom: first-write preparation, then per request split
+per L2 table; inside a table, runs of clusters that can be written in place, or
+that all need new host clusters, are handled with one pwrite each.  Metadata
+changes stay in memory until `flush()`, which orders them as QEMU does
+(block/qcow2-cache.c dependencies):
+
+    refcount blocks -> sync -> refcount table -> sync -> (guest data is now durable)
+    -> L2 tables -> sync -> L1 table -> sync -> release freed clusters
+
+so a reference never reaches disk before the refcount that counts it, and
+guest data never after the L2 entry that maps it.  A crash may leak clusters;
+it cannot corrupt the image or lose anything written before a flush.
+
+Every written guest range is committed to the persistent bitmaps in one place
+(`_write_locked`).  A mixin of Image (qcowfuse/image.py), using its read path for
+copy-on-write content and its integrity guards before every data write.
+"""
+
+from __future__ import annotations
+
+import array
+import struct
+
+from ..errors import CorruptError, ReadOnlyError
+from .compressed import CompressedDescriptor
+from .header import AUTOCLEAR_BITMAPS, INCOMPAT_DIRTY, OFF_AUTOCLEAR_FEATURES
+from .tables import (
+    L1E_OFFSET_MASK, L2E_OFFSET_MASK, QCOW_OFLAG_COMPRESSED, QCOW_OFLAG_COPIED, ClusterType,
+    classify)
+from .zeroes import write_zero_piece
+
+
+class WritePath:
+    def _prepare_for_write(self) -> None:
+        """First write only: clear autoclear bits we do not maintain (spec: a writer
+        that does not know a bit must clear it), after checking the metadata's own
+        refcounts so that no allocation can ever land on a cluster in use."""
+        if self._prepared:
+            return
+        if self.header.incompatible_features & INCOMPAT_DIRTY:
+            self._repair_dirty()
+        self._check_metadata_refcounts()
+        h = self.header
+        keep = AUTOCLEAR_BITMAPS if self.bitmaps is not None else 0  # the bits we maintain
+        if h.version >= 3 and h.autoclear_features & ~keep:
+            h.autoclear_features &= keep
+            self.f.pwrite(OFF_AUTOCLEAR_FEATURES, struct.pack(">Q", h.autoclear_features))
+            self.f.sync()
+        if self.bitmaps is not None:
+            self.bitmaps.begin_writing(self.alloc.alloc_contiguous)
+        self._prepared = True
+
+    def _l2_for_write(self, l1_index: int) -> array.array:
+        """The active L2 table for l1_index, allocated or copied on write if needed."""
+        entry = self.l1[l1_index]
+        off = entry & L1E_OFFSET_MASK
+        if off and entry & QCOW_OFLAG_COPIED:
+            return self.l2.get(off)
+        if off:
+            self._host_check(off, "L2 table")
+            if self.rc.get(off >> self.cluster_bits) == 1:
+                # refcount 1 without COPIED (older writers): ours to change in place
+                self.l1[l1_index] = off | QCOW_OFLAG_COPIED
+                self.l1_dirty.add(l1_index)
+                return self.l2.get(off)
+            table = array.array("Q", self.l2.get(off))  # shared with a snapshot
+        else:
+            table = array.array("Q", bytes(self.cluster_size))
+        new = self.alloc.alloc() << self.cluster_bits
+        self._check_fresh(new >> self.cluster_bits, 1)
+        self.l2.install(new, table)
+        self.l1[l1_index] = new | QCOW_OFLAG_COPIED
+        self.l1_dirty.add(l1_index)
+        self._l1_generation += 1
+        if off:
+            self.alloc.free_later(off >> self.cluster_bits)
+        return table
+
+    def _in_place(self, entry: int) -> bool:
+        """Normal cluster this layer owns alone (COPIED, or refcount 1)."""
+        if classify(entry, self.version) is not ClusterType.NORMAL:
+            return False
+        if entry & QCOW_OFLAG_COPIED:
+            return True
+        return self.rc.get((entry & L2E_OFFSET_MASK) >> self.cluster_bits) == 1
+
+    def _reusable_zero_alloc(self, entry: int) -> bool:
+        if classify(entry, self.version) is not ClusterType.ZERO_ALLOC:
+            return False
+        return bool(entry & QCOW_OFLAG_COPIED) or \
+            self.rc.get((entry & L2E_OFFSET_MASK) >> self.cluster_bits) == 1
+
+    def _release(self, entry: int) -> None:
+        """Drop (after the next table sync) the reference an overwritten L2 entry held."""
+        kind = classify(entry, self.version)
+        if kind in (ClusterType.NORMAL, ClusterType.ZERO_ALLOC):
+            self.alloc.free_later((entry & L2E_OFFSET_MASK) >> self.cluster_bits)
+        elif kind is ClusterType.COMPRESSED:
+            for c in CompressedDescriptor.decode(entry, self.cluster_bits).host_clusters(self.cluster_bits):
+                self.alloc.free_later(c)
+
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> int:
+        """Write guest bytes at offset; returns the number written (all of them)."""
+        view = memoryview(data).cast("B")
+        length = len(view)
+        if not self.writable:
+            raise ReadOnlyError("image is open read-only")
+        if offset < 0 or offset + length > self.size:
+            raise ValueError(f"write of {length} bytes at {offset} is beyond the virtual size {self.size}")
+        with self._lock:
+            if self._corrupt:
+                raise CorruptError("image was marked corrupt; writes are refused until it is repaired")
+            try:
+                self._write_locked(offset, view)
+            except CorruptError as e:
+                self.mark_corrupt(str(e))
+                raise
+        return length
+
+    def _write_locked(self, offset: int, view: memoryview) -> None:
+        length = len(view)
+        cb, cs = self.cluster_bits, self.cluster_size
+        self._prepare_for_write()
+        if self.bitmaps is not None:  # the one place a guest range is committed
+            self.bitmaps.mark(offset, length)
+        if self._fast.write(offset, view):
+            return
+        if self.header.extended_l2:
+            self._write_subclusters(offset, view)
+            return
+        pos = 0
+        while pos < length:
+            voff = offset + pos
+            g = voff >> cb
+            in_cl = voff & (cs - 1)
+            l1i, l2i = g >> self.l2_bits, g & (self.l2_entries - 1)
+            table = self._l2_for_write(l1i)
+            stop = min(self.l2_entries, l2i + ((offset + length - 1) >> cb) - g + 1)
+            if self._zero_cluster:
+                n = min(length - pos, cs - in_cl)
+                if write_zero_piece(self, table, l1i, l2i, g, in_cl, view[pos:pos + n], self._zero_cluster):
+                    pos += n
+                    continue
+                stop = l2i + 1  # look at every cluster on its own
+            entry = table[l2i]
+            if self._reusable_zero_alloc(entry):
+                # zero flag over a cluster we own: reuse it, as QEMU does
+                host = entry & L2E_OFFSET_MASK
+                n = min(length - pos, cs - in_cl)
+                self._host_check(host, "data cluster")
+                self._check_data_target(host >> cb, 1)
+                buf = bytearray(cs)
+                buf[in_cl:in_cl + n] = view[pos:pos + n]
+                self.f.pwrite(host, buf)
+                table[l2i] = host | QCOW_OFLAG_COPIED
+                self.l2.mark_dirty(self._l2_offset(l1i))
+            elif self._in_place(entry):
+                host = entry & L2E_OFFSET_MASK
+                self._host_check(host, "data cluster")
+                j = l2i + 1
+                while j < stop and (table[j] & L2E_OFFSET_MASK) == host + (j - l2i) * cs \
+                        and self._in_place(table[j]):
+                    j += 1
+                for i in range(l2i, j):
+                    if not table[i] & QCOW_OFLAG_COPIED:
+                        table[i] |= QCOW_OFLAG_COPIED
+                        self.l2.mark_dirty(self._l2_offset(l1i))
+                n = min(length - pos, (j - l2i) * cs - in_cl)
+                self._check_data_target(host >> cb, -(-(in_cl + n) // cs))
+                self.f.pwrite(host + in_cl, view[pos:pos + n])
+            else:
+                j = l2i + 1
+                while j < stop and not self._in_place(table[j]):
+                    j += 1
+                first, count = self.alloc.alloc_run(j - l2i)
+                self._check_fresh(first, count)
+                n = min(length - pos, count * cs - in_cl)
+                self._write_new(first << cb, table, l2i, g, count, in_cl, view[pos:pos + n])
+                for k in range(count):
+                    old = table[l2i + k]
+                    table[l2i + k] = ((first + k) << cb) | QCOW_OFLAG_COPIED
+                    self._release(old)
+                self.l2.mark_dirty(self._l2_offset(l1i))
+            pos += n
+        if self.l2.over_budget:
+            self.flush()
+
+    def _write_subclusters(self, offset: int, view: memoryview) -> None:
+        """Writes on an image with extended L2 entries, one cluster at a time.  A
+        cluster this layer owns is written in place; otherwise a new host cluster is
+        allocated, and only the subclusters written are marked allocated (the rest keep
+        reading from below), except when replacing compressed or shared data, which is
+        copied whole.  Partially written subclusters are filled from their old content."""
+        cb, cs = self.cluster_bits, self.cluster_size
+        sc_bits = cb - 5
+        length = len(view)
+        pos = 0
+        while pos < length:
+            voff = offset + pos
+            g = voff >> cb
+            in_cl = voff & (cs - 1)
+            n = min(cs - in_cl, length - pos)
+            l1i, idx = g >> self.l2_bits, 2 * (g & (self.l2_entries - 1))
+            table = self._l2_for_write(l1i)
+            entry, bitmap = table[idx], table[idx + 1]
+            first_sc, last_sc = in_cl >> sc_bits, (in_cl + n - 1) >> sc_bits
+            touched = ((1 << (last_sc + 1)) - 1) & ~((1 << first_sc) - 1)
+            start, end = first_sc << sc_bits, (last_sc + 1) << sc_bits
+            host = entry & L2E_OFFSET_MASK
+            compressed = bool(entry & QCOW_OFLAG_COMPRESSED)
+            owned = bool(host) and not compressed and (
+                bool(entry & QCOW_OFLAG_COPIED) or self.rc.get(host >> cb) == 1)
+            if owned:
+                self._host_check(host, "data cluster")
+                self._check_data_target(host >> cb, 1)
+                buf = bytearray(self._subcluster_content(entry, bitmap, g, start, end))
+                buf[in_cl - start:in_cl - start + n] = view[pos:pos + n]
+                self.f.pwrite(host + start, buf)
+                new_bitmap = (bitmap | touched) & ~(touched << 32)
+                new_host = host
+            else:
+                new_host = self.alloc.alloc() << cb
+                self._check_fresh(new_host >> cb, 1)
+                if compressed or host:  # replace compressed or shared data: copy it whole
+                    buf = bytearray(self._subcluster_content(entry, bitmap, g, 0, cs))
+                    buf[in_cl:in_cl + n] = view[pos:pos + n]
+                    self.f.pwrite(new_host, buf)
+                    new_bitmap = 0xFFFFFFFF
+                    self._release(entry)
+                else:
+                    buf = bytearray(self._subcluster_content(entry, bitmap, g, start, end))
+                    buf[in_cl - start:in_cl - start + n] = view[pos:pos + n]
+                    self.f.pwrite(new_host + start, buf)
+                    self.f.extend_to(new_host + cs)
+                    new_bitmap = (bitmap & ~(touched << 32) & 0xFFFFFFFF00000000) | touched
+            table[idx] = new_host | QCOW_OFLAG_COPIED
+            table[idx + 1] = new_bitmap
+            self.l2.mark_dirty(self._l2_offset(l1i))
+            pos += n
+        if self.l2.over_budget:
+            self.flush()
+
+    def _l2_offset(self, l1_index: int) -> int:
+        return self.l1[l1_index] & L1E_OFFSET_MASK
+
+    def _write_new(self, host: int, table: array.array, l2i: int, guest_cluster: int, count: int,
+                   in_cl: int, data: memoryview) -> None:
+        """Write `data` at in_cl into `count` fresh host clusters, filling partial
+        head and tail clusters from the guest clusters' old content."""
+        cs = self.cluster_size
+        end = in_cl + len(data)
+        total = count * cs
+        if in_cl == 0 and end == total:
+            self.f.pwrite(host, data)
+            return
+        last = (end - 1) // cs
+        head_zero = in_cl == 0 or self._reads_as_zeros(table[l2i])
+        tail_zero = end % cs == 0 or self._reads_as_zeros(table[l2i + last])
+        if head_zero and tail_zero and host >= self.f.end():
+            # Past the end of the file the host reads zeros already (a hole): write only
+            # the data and make the file cover the clusters, instead of 16x the bytes.
+            self.f.pwrite(host + in_cl, data)
+            self.f.extend_to(host + total)
+            return
+        buf = bytearray(total)
+        if not head_zero:
+            buf[:cs] = self.cluster_content(table[l2i], guest_cluster)
+        if not tail_zero:
+            buf[last * cs:(last + 1) * cs] = self.cluster_content(table[l2i + last], guest_cluster + last)
+        buf[in_cl:end] = data
+        self.f.pwrite(host, buf)
+
+    def _reads_as_zeros(self, entry: int) -> bool:
+        """Known to read as zeros without any I/O (zero flag, or nothing below)."""
+        kind = classify(entry, self.version)
+        return kind in (ClusterType.ZERO_PLAIN, ClusterType.ZERO_ALLOC) or (
+            kind is ClusterType.UNALLOCATED and self.backing is None)
+
+    def flush(self) -> None:
+        """Make every earlier write durable, in crash-safe order."""
+        if not self.writable:
+            return
+        with self._lock:
+            f = self.f
+            self.rc.flush()
+            if f.unsynced:
+                f.sync()  # guest data before the L2 entries that map it
+            if self.l2.write_dirty():
+                f.sync()
+            if self.l1_dirty:
+                base = self.header.l1_table_offset
+                for i in sorted(self.l1_dirty):
+                    f.pwrite(base + 8 * i, struct.pack(">Q", self.l1[i]))
+                self.l1_dirty.clear()
+                f.sync()
+            if self.alloc.pending_free:
+                freed = self.alloc.release_pending()  # references are gone from disk now
+                self.rc.flush()
+                if self.detect_zeroes == "unmap":
+                    for c in freed:  # nothing can reuse them before this returns
+                        f.punch_hole(c << self.cluster_bits, self.cluster_size)
+            if f.unsynced:
+                f.sync()
