@@ -51,7 +51,7 @@ class Allocator:
             for b in range(start // epb, (start + count - 1) // epb + 1):
                 rc.ensure_block(b)
             if rc.generation != generation:
-                continue  # new refcount blocks may sit inside the candidate run
+                continue  # a new refcount block may have taken part of the run
             for c in range(start, start + count):
                 rc.add(c, 1)
             return start
