@@ -15,17 +15,9 @@ from typing import Protocol
 from .errors import FormatError, QcowError, UnsupportedError
 from .locking import lock_image
 from .qcow2.header import MAGIC
+from .qcow2.state import Layer
 
 MAX_CHAIN_DEPTH = 64
-
-
-class Layer(Protocol):
-    """What an image needs from the layer below it."""
-
-    size: int
-
-    def read(self, offset: int, length: int) -> bytes: ...
-    def close(self) -> None: ...
 
 
 class RawLayer:

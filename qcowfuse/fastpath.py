@@ -18,11 +18,11 @@ from .qcow2.tables import (
     L1E_OFFSET_MASK, L2E_OFFSET_MASK, QCOW_OFLAG_COMPRESSED, QCOW_OFLAG_COPIED, QCOW_OFLAG_ZERO)
 
 if TYPE_CHECKING:
-    from .image import Image
+    from .qcow2.state import ImageState
 
 
 class FastPath:
-    def __init__(self, img: "Image") -> None:
+    def __init__(self, img: "ImageState") -> None:
         self.img = img
         self.cluster_bits = img.cluster_bits
         self.in_cluster = img.cluster_size - 1

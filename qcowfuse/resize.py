@@ -37,7 +37,7 @@ from .qcow2.tables import (L1E_OFFSET_MASK, L2E_OFFSET_MASK, QCOW_OFLAG_COMPRESS
                            ClusterType, classify)
 
 if TYPE_CHECKING:
-    from .image import Image
+    from .qcow2.state import ImageState
 
 # docs/interop/qcow2.rst, "Header": size (u64, virtual disk size in bytes) at 24.
 OFF_SIZE = 24
@@ -56,7 +56,7 @@ class ResizeError(QcowError):
         self.errno = code
 
 
-def resize_image(img: Image, new_size: int) -> None:
+def resize_image(img: ImageState, new_size: int) -> None:
     """Make the guest disk new_size bytes; refuses (ResizeError) before changing
     anything when it cannot be done safely."""
     if not img.writable:
@@ -85,7 +85,7 @@ def resize_image(img: Image, new_size: int) -> None:
             raise
 
 
-def _refuse(img: Image, new_size: int) -> None:
+def _refuse(img: ImageState, new_size: int) -> None:
     if new_size < 0 or new_size % SECTOR_SIZE:
         raise ResizeError(f"The new size must be a multiple of {SECTOR_SIZE}", errno.EINVAL)
     if new_size >= MAX_HOST_OFFSET:
@@ -120,7 +120,7 @@ def _refuse(img: Image, new_size: int) -> None:
 
 # -- entries ------------------------------------------------------------------------
 
-def _entry(img: Image, table: array.array | None, i: int) -> tuple[int, int]:
+def _entry(img: ImageState, table: array.array | None, i: int) -> tuple[int, int]:
     """(entry, subcluster bitmap) of index i in an L2 table (bitmap 0 without extended L2)."""
     if table is None:
         return 0, 0
@@ -129,14 +129,14 @@ def _entry(img: Image, table: array.array | None, i: int) -> tuple[int, int]:
     return table[i], 0
 
 
-def _set_entry(img: Image, table: array.array, i: int, entry: int, bitmap: int) -> None:
+def _set_entry(img: ImageState, table: array.array, i: int, entry: int, bitmap: int) -> None:
     if img.header.extended_l2:
         table[2 * i], table[2 * i + 1] = entry, bitmap
     else:
         table[i] = entry
 
 
-def _holds_data(img: Image, entry: int, bitmap: int) -> bool:
+def _holds_data(img: ImageState, entry: int, bitmap: int) -> bool:
     """Guest data of this layer (not zeros, not 'read from below')."""
     if entry & QCOW_OFLAG_COMPRESSED:
         return True
@@ -145,7 +145,7 @@ def _holds_data(img: Image, entry: int, bitmap: int) -> bool:
     return classify(entry, img.version) is ClusterType.NORMAL
 
 
-def _reads_zero_here(img: Image, entry: int, bitmap: int) -> bool:
+def _reads_zero_here(img: ImageState, entry: int, bitmap: int) -> bool:
     """Zeros whatever lies below (zero flag on every part of the cluster)."""
     if entry & QCOW_OFLAG_COMPRESSED:
         return False
@@ -154,7 +154,7 @@ def _reads_zero_here(img: Image, entry: int, bitmap: int) -> bool:
     return classify(entry, img.version) in (ClusterType.ZERO_PLAIN, ClusterType.ZERO_ALLOC)
 
 
-def _cluster_bytes(img: Image, g: int, start: int, end: int) -> bytes:
+def _cluster_bytes(img: ImageState, g: int, start: int, end: int) -> bytes:
     """Bytes [start, end) of guest cluster g as this layer (and those below) read them,
     also past the virtual size."""
     entry, bitmap = _entry(img, img._l2_table(g >> img.l2_bits), g & (img.l2_entries - 1))
@@ -163,7 +163,7 @@ def _cluster_bytes(img: Image, g: int, start: int, end: int) -> bytes:
     return img.cluster_content(entry, g)[start:end]
 
 
-def _first_data_past(img: Image, new_size: int) -> int | None:
+def _first_data_past(img: ImageState, new_size: int) -> int | None:
     """Guest offset of the first data at or past new_size (the whole L1 table is
     scanned: entries past the old size count too), or None."""
     cs, cb = img.cluster_size, img.cluster_bits
@@ -187,7 +187,7 @@ def _first_data_past(img: Image, new_size: int) -> int | None:
 
 # -- growing ------------------------------------------------------------------------
 
-def _grow(img: Image, new_size: int) -> None:
+def _grow(img: ImageState, new_size: int) -> None:
     need = l1_entries_for(new_size, img.cluster_size, img.l2_bits)
     if need > len(img.l1):
         img.l1, old_l1 = grow_l1_table(img.f, img.header, img.rc, img.l1, need, img._check_fresh)
@@ -198,7 +198,7 @@ def _grow(img: Image, new_size: int) -> None:
     _zero_new_range(img, img.size, new_size)
 
 
-def _zero_new_range(img: Image, old: int, new: int) -> None:
+def _zero_new_range(img: ImageState, old: int, new: int) -> None:
     """Make guest bytes [old, new) read as zeros."""
     cs, cb = img.cluster_size, img.cluster_bits
     tail = old % cs
@@ -244,7 +244,7 @@ def _zero_new_range(img: Image, old: int, new: int) -> None:
             img.flush()
 
 
-def _fill_zero_flags(img: Image, table: array.array, start: int, end: int) -> None:
+def _fill_zero_flags(img: ImageState, table: array.array, start: int, end: int) -> None:
     """Entries [start, end) of an empty L2 table become zero clusters (no host cluster)."""
     if img.header.extended_l2:
         table[2 * start:2 * end] = array.array("Q", [0, _SUB_ZERO_ALL]) * (end - start)
@@ -254,7 +254,7 @@ def _fill_zero_flags(img: Image, table: array.array, start: int, end: int) -> No
 
 # -- shrinking ----------------------------------------------------------------------
 
-def _shrink(img: Image, new_size: int) -> None:
+def _shrink(img: ImageState, new_size: int) -> None:
     """Drop what lies past new_size (zero clusters only: _refuse checked) and the L2
     tables wholly past it; the L1 entries are zero on disk before the tables are freed
     (the caller's flush)."""

@@ -25,15 +25,15 @@ from typing import TYPE_CHECKING
 from .tables import L2E_OFFSET_MASK, QCOW_OFLAG_COPIED, QCOW_OFLAG_ZERO, ClusterType, classify
 
 if TYPE_CHECKING:
-    from ..image import Image
+    from .state import ImageState
 
 
-def can_express_zeros(img: "Image") -> bool:
+def can_express_zeros(img: "ImageState") -> bool:
     """Whether the format lets this image say "zeros" without data (see the module doc)."""
     return img.version >= 3 or (img.backing is None and img.detect_zeroes == "unmap")
 
 
-def write_zero_piece(img: "Image", table: array.array, l1i: int, l2i: int, guest_cluster: int,
+def write_zero_piece(img: "ImageState", table: array.array, l1i: int, l2i: int, guest_cluster: int,
                      in_cl: int, piece: memoryview, zeros: memoryview) -> bool:
     """`piece` is the part of one write that falls in guest cluster `guest_cluster` at
     `in_cl`; `zeros` is a cluster of zero bytes.  When the piece is all zeros and the
@@ -52,7 +52,7 @@ def write_zero_piece(img: "Image", table: array.array, l1i: int, l2i: int, guest
     return make_zero_cluster(img, table, l1i, l2i)
 
 
-def make_zero_cluster(img: "Image", table: array.array, l1i: int, l2i: int) -> bool:
+def make_zero_cluster(img: "ImageState", table: array.array, l1i: int, l2i: int) -> bool:
     """Make the L2 entry say "zeros": `on` keeps a host cluster this layer owns (zero
     flag over it, as QEMU's detect-zeroes=on), `unmap` frees it (after the table reaches
     disk; see Allocator).  False when the format can't say "zeros" here."""
