@@ -343,3 +343,21 @@ def test_bitmaps_follow_grow_and_shrink_as_qemu_does(tmp_path, mount):
         assert_clean(img)
     for name in ("b0", "b1", "off"):
         assert dirty_ranges(ours, name) == dirty_ranges(theirs, name), name
+
+
+def test_touched_bitmap_data_spills_to_disk_over_budget(tmp_path):
+    """Memory stays bounded: over its budget, touched bitmap data goes to the clusters it
+    will live in and is read back from there when touched again."""
+    from qcowfuse import Image
+
+    size = 64 * MiB
+    img_path = create(tmp_path / "s.qcow2", size, cluster_size=512)
+    run("qemu-img", "bitmap", "--add", "-g", "512", str(img_path), "fine")  # 2 MiB per data cluster
+    writes = [(i * 2 * MiB + 1000, 3000) for i in range(0, 30, 3)] + [(6 * MiB + 1, 10), (60 * MiB, 512)]
+    with Image.open(str(img_path), writable=True) as img:
+        img.bitmaps.chunk_budget = 2 * 512  # two data clusters in memory at most
+        for off, n in writes:
+            img.write(off, os.urandom(n))
+        assert img.bitmaps._spilled, "nothing spilled: the budget was not exercised"
+    assert_clean(img_path)
+    assert dirty_ranges(img_path, "fine") == expected([(o, o + n) for o, n in writes], 512, size)
