@@ -15,6 +15,23 @@ from __future__ import annotations
 from .refcounts import RefcountStore
 
 
+def alloc_contiguous(rc: RefcountStore, count: int) -> int:
+    """First cluster index of `count` consecutive newly counted clusters (a table
+    must be contiguous, unlike data runs).  Refcount blocks created to describe the
+    run may land inside it: then look again."""
+    epb = rc.entries_per_block
+    while True:
+        start = rc.free_run(count)
+        generation = rc.generation
+        for b in range(start // epb, (start + count - 1) // epb + 1):
+            rc.ensure_block(b)
+        if rc.generation != generation:
+            continue  # a new refcount block may have taken part of the run
+        for c in range(start, start + count):
+            rc.add(c, 1)
+        return start
+
+
 class Allocator:
     def __init__(self, refcounts: RefcountStore) -> None:
         self.rc = refcounts
@@ -43,18 +60,7 @@ class Allocator:
     def alloc_contiguous(self, count: int) -> int:
         """Exactly `count` contiguous clusters (for tables that must not be split);
         returns the first index."""
-        rc = self.rc
-        epb = rc.entries_per_block
-        while True:
-            start = rc.free_run(count)
-            generation = rc.generation
-            for b in range(start // epb, (start + count - 1) // epb + 1):
-                rc.ensure_block(b)
-            if rc.generation != generation:
-                continue  # a new refcount block may have taken part of the run
-            for c in range(start, start + count):
-                rc.add(c, 1)
-            return start
+        return alloc_contiguous(self.rc, count)
 
     def alloc(self) -> int:
         """One cluster (for an L2 table); returns its cluster index."""

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from ..errors import FormatError
 from ..hostfile import HostFile
 from .header import MAX_L1_BYTES, Header
+from .allocator import alloc_contiguous
 from .refcounts import RefcountStore
 from .tables import encode_table
 
@@ -32,23 +33,6 @@ L1E_SIZE = 8
 def l1_entries_for(size: int, cluster_size: int, l2_bits: int) -> int:
     """L1 entries a virtual size needs: one per L2 table's span of guest bytes."""
     return -(-size // (cluster_size << l2_bits))
-
-
-def alloc_contiguous(rc: RefcountStore, count: int) -> int:
-    """First cluster index of `count` consecutive newly counted clusters (a table
-    must be contiguous, unlike data runs).  Refcount blocks created to describe the
-    run may land inside it: then look again."""
-    epb = rc.entries_per_block
-    while True:
-        start = rc.free_run(count)
-        generation = rc.generation
-        for b in range(start // epb, (start + count - 1) // epb + 1):
-            rc.ensure_block(b)
-        if rc.generation != generation:
-            continue
-        for c in range(start, start + count):
-            rc.add(c, 1)
-        return start
 
 
 def grow_l1_table(f: HostFile, header: Header, rc: RefcountStore, l1: array.array,
