@@ -29,3 +29,11 @@ class ReadOnlyError(QcowError):
 
 class ImageInUseError(QcowError):
     """Another process holds a conflicting lock on the image."""
+
+
+class ResizeError(QcowError):
+    """A resize that is refused; `errno` is what a truncate(2) caller should get."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.errno = code

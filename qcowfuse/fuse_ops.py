@@ -19,8 +19,7 @@ from typing import Protocol
 
 import pyfuse3
 
-from .errors import CorruptError, QcowError, ReadOnlyError
-from .resize import ResizeError
+from .errors import CorruptError, QcowError, ReadOnlyError, ResizeError
 
 log = logging.getLogger("qcowfuse")
 

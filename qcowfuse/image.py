@@ -17,7 +17,7 @@ from .backing import Layer, file_identity, open_backing
 from .fastpath import FastPath
 from .hostfile import HostFile
 from .locking import lock_image
-from .resize import resize_image
+from .qcow2.resize import resize_image
 from .qcow2.allocator import Allocator
 from .qcow2.bitmaps import Bitmaps
 from .qcow2.integrity import Integrity
@@ -42,7 +42,7 @@ class Image(ReadPath, WritePath, Integrity):
     resize, close.  It holds the state (header, L1, L2 cache, refcounts, allocator,
     backing layer, bitmaps) and composes the paths that work on it: ReadPath
     (qcow2/reading.py), WritePath (qcow2/writing.py, flush order included), Integrity
-    (qcow2/integrity.py); resizing is qcowfuse/resize.py, table scans qcow2/check.py.
+    (qcow2/integrity.py); resizing qcow2/resize.py, table scans qcow2/check.py.
     """
 
     def __init__(self, f: HostFile, header: Header, writable: bool, backing: Layer | None = None,

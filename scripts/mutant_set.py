@@ -400,7 +400,7 @@ MUTANTS = [
            "pass",
            ["tests/test_crash_bitmaps.py"],
            "new bitmap data, tables and directory are durable before the extension switches"),
-    Mutant("bitmaps-not-resized", "qcowfuse/resize.py",
+    Mutant("bitmaps-not-resized", "qcowfuse/qcow2/resize.py",
            "img.bitmaps.resize(new_size)",
            "pass",
            ["tests/test_bitmaps.py::test_bitmaps_follow_grow_and_shrink_as_qemu_does"],

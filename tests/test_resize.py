@@ -17,7 +17,7 @@ import qemu
 from cli_helpers import assert_one_line_error
 from conftest import run_cli
 from qcowfuse import Image, ReadOnlyError
-from qcowfuse.resize import ResizeError
+from qcowfuse.errors import ResizeError
 from test_ext4 import fs_mounted, loop_device, sh, tree_hashes
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30

@@ -30,14 +30,14 @@ import errno
 import struct
 from typing import TYPE_CHECKING
 
-from .errors import CorruptError, QcowError, ReadOnlyError
-from .qcow2.header import MAX_HOST_OFFSET, MAX_L1_BYTES
-from .qcow2.l1 import grow_l1_table, l1_entries_for
-from .qcow2.tables import (L1E_OFFSET_MASK, L2E_OFFSET_MASK, QCOW_OFLAG_COMPRESSED, QCOW_OFLAG_ZERO,
+from ..errors import CorruptError, ReadOnlyError, ResizeError
+from .header import MAX_HOST_OFFSET, MAX_L1_BYTES
+from .l1 import grow_l1_table, l1_entries_for
+from .tables import (L1E_OFFSET_MASK, L2E_OFFSET_MASK, QCOW_OFLAG_COMPRESSED, QCOW_OFLAG_ZERO,
                            ClusterType, classify)
 
 if TYPE_CHECKING:
-    from .qcow2.state import ImageState
+    from .state import ImageState
 
 # docs/interop/qcow2.rst, "Header": size (u64, virtual disk size in bytes) at 24.
 OFF_SIZE = 24
@@ -46,14 +46,6 @@ SECTOR_SIZE = 512
 # Extended L2 bitmap: low 32 bits "allocated", high 32 bits "reads as zeros".
 _SUB_ALLOC = 0xFFFFFFFF
 _SUB_ZERO_ALL = 0xFFFFFFFF << 32
-
-
-class ResizeError(QcowError):
-    """A resize that is refused; `errno` is what a truncate(2) caller should get."""
-
-    def __init__(self, message: str, code: int) -> None:
-        super().__init__(message)
-        self.errno = code
 
 
 def resize_image(img: ImageState, new_size: int) -> None:
