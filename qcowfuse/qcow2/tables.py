@@ -118,6 +118,7 @@ class L2Cache:
         self.tables[offset] = table
         self.dirty.add(offset)
         self._mru_offset, self._mru = offset, table
+        self._evict()  # clean tables beyond the budget make room, as for a table read
 
     def mark_dirty(self, offset: int) -> None:
         self.dirty.add(offset)
