@@ -207,8 +207,9 @@ class Image:
 
     # -- reading ----------------------------------------------------------------
 
-    def read(self, offset: int, length: int) -> bytes:
-        """Guest bytes [offset, offset+length), clipped at the virtual size."""
+    def read(self, offset: int, length: int) -> bytes | bytearray:
+        """Guest bytes [offset, offset+length), clipped at the virtual size (a bytearray
+        when assembled from several extents: returned as is, without a copy)."""
         data = self._fast.read(offset, length)
         if data is not None:
             return data
@@ -231,7 +232,7 @@ class Image:
                 else:  # compressed: src is the L2 entry, n bytes from offset pos-in-cluster
                     in_cl = (offset + pos) & (self.cluster_size - 1)
                     view[pos:pos + n] = self._compressed(src)[in_cl:in_cl + n]
-        return bytes(out)
+        return out
 
     def _read_plan(self, offset: int, length: int) -> list[tuple[ClusterType, int, int, int]]:
         """(kind, source offset, position in request, length) extents, merged where both
