@@ -30,7 +30,7 @@ class BlockImage(Protocol):
     size: int
     writable: bool
 
-    def read(self, offset: int, length: int) -> bytes: ...
+    def read(self, offset: int, length: int) -> bytes | bytearray: ...
     def write(self, offset: int, data: memoryview | bytes) -> int: ...
     def flush(self) -> None: ...
     def resize(self, new_size: int) -> None: ...
@@ -152,7 +152,7 @@ class RawFileOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EROFS)
         return pyfuse3.FileInfo(fh=inode, direct_io=self.direct_io, keep_cache=True)
 
-    async def read(self, fh: int, off: int, size: int) -> bytes:
+    async def read(self, fh: int, off: int, size: int) -> bytes | bytearray:
         try:
             return self.image.read(off, size)
         except (QcowError, OSError) as e:

@@ -72,8 +72,9 @@ class ReadPath:
         self._compressed_cache = (entry, out)
         return out
 
-    def read(self, offset: int, length: int) -> bytes:
-        """Guest bytes [offset, offset+length), clipped at the virtual size."""
+    def read(self, offset: int, length: int) -> bytes | bytearray:
+        """Guest bytes [offset, offset+length), clipped at the virtual size (a bytearray
+        when assembled from several extents: returned as is, without a copy)."""
         data = self._fast.read(offset, length)
         if data is not None:
             return data
@@ -96,7 +97,7 @@ class ReadPath:
                 else:  # compressed: src is the L2 entry, n bytes from offset pos-in-cluster
                     in_cl = (offset + pos) & (self.cluster_size - 1)
                     view[pos:pos + n] = self._compressed(src)[in_cl:in_cl + n]
-        return bytes(out)
+        return out
 
     def _read_plan(self, offset: int, length: int) -> list[tuple[ClusterType, int, int, int]]:
         """(kind, source offset, position in request, length) extents, merged where both

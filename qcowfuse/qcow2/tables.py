@@ -63,8 +63,17 @@ def encode_table(t: array.array) -> bytes:
 class L2Cache:
     """LRU cache of L2 tables keyed by host offset; dirty tables stay until written.
 
+    Scan resistant (a simplified 2Q): a table read for the first time waits on a short
+    probation list and takes a place in the cache proper only when it is used again,
+    while on probation or soon after (its offset is remembered a while, "ghost").  A
+    pass over a big image that touches each table once (a backup, a read of every GiB)
+    then costs a few tables of memory instead of the whole budget, and evicts nothing
+    that is in real use; a table in use is admitted on its second touch.
+
     The most recently used table is remembered apart: a hit on it (most requests, as
     they come in runs) needs no LRU bookkeeping, since it is already last in the order."""
+
+    PROBATION = 8  # tables read once, kept until PROBATION newer first reads push them out
 
     def __init__(self, f: HostFile, cluster_size: int, max_bytes: int) -> None:
         self.f = f
@@ -72,6 +81,8 @@ class L2Cache:
         self.max_tables = max(4, max_bytes // cluster_size)
         self.tables: OrderedDict[int, array.array] = OrderedDict()
         self.dirty: set[int] = set()
+        self._probation: OrderedDict[int, None] = OrderedDict()  # in tables, read once so far
+        self._ghosts: OrderedDict[int, None] = OrderedDict()  # offsets pushed out of probation
         self._mru_offset = 0  # 0: none (no L2 table lives at offset 0, the header does)
         self._mru: array.array | None = None
 
@@ -82,6 +93,7 @@ class L2Cache:
         t = self.tables.get(offset)
         if t is not None:
             self.tables.move_to_end(offset)
+            self._probation.pop(offset, None)  # used again: a table in real use
             self._mru_offset, self._mru = offset, t
         return t
 
@@ -94,6 +106,10 @@ class L2Cache:
         t = decode_table(self.f.pread(offset, self.cluster_size))
         self.tables[offset] = t
         self._mru_offset, self._mru = offset, t
+        if offset in self._ghosts:  # read again soon after probation: into the cache proper
+            del self._ghosts[offset]
+        else:
+            self._probation[offset] = None
         self._evict()
         return t
 
@@ -102,6 +118,7 @@ class L2Cache:
         self.tables[offset] = table
         self.dirty.add(offset)
         self._mru_offset, self._mru = offset, table
+        self._evict()  # clean tables beyond the budget make room, as for a table read
 
     def mark_dirty(self, offset: int) -> None:
         self.dirty.add(offset)
@@ -109,6 +126,7 @@ class L2Cache:
     def forget(self, offset: int) -> None:
         self.tables.pop(offset, None)
         self.dirty.discard(offset)
+        self._probation.pop(offset, None)
         if offset == self._mru_offset:
             self._mru_offset, self._mru = 0, None
 
@@ -117,7 +135,19 @@ class L2Cache:
         return len(self.tables) > self.max_tables and len(self.dirty) > self.max_tables // 2
 
     def _evict(self) -> None:
+        probation = self._probation
+        if len(probation) > self.PROBATION:
+            for off in list(probation)[:-1]:  # oldest first; dirty ones wait for a flush
+                if len(probation) <= self.PROBATION:
+                    break
+                if off not in self.dirty:
+                    del probation[off], self.tables[off]
+                    self._ghosts[off] = None
+            while len(self._ghosts) > self.max_tables:
+                self._ghosts.popitem(last=False)
         evict_clean(self.tables, self.dirty, self.max_tables)
+        for off in [o for o in probation if o not in self.tables]:
+            del probation[off]
         if self._mru_offset and self._mru_offset not in self.tables:
             self._mru_offset, self._mru = 0, None
 
