@@ -14,7 +14,7 @@ import threading
 
 from .errors import FormatError, QcowError, UnsupportedError
 from .backing import Layer, file_identity, open_backing
-from .fastpath import FastPath
+from .qcow2.fastpath import FastPath
 from .hostfile import HostFile
 from .locking import lock_image
 from .qcow2.resize import resize_image

@@ -14,11 +14,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .qcow2.tables import (
+from .tables import (
     L1E_OFFSET_MASK, L2E_OFFSET_MASK, QCOW_OFLAG_COMPRESSED, QCOW_OFLAG_COPIED, QCOW_OFLAG_ZERO)
 
 if TYPE_CHECKING:
-    from .qcow2.state import ImageState
+    from .state import ImageState
 
 
 class FastPath:
