@@ -143,6 +143,15 @@ def _check_summary(info: dict) -> str:
                                                     if "ERROR" in l or "Warning" in l)[:2000]
 
 
+def _crash_verdict(info: dict, guest: bytes | None) -> str | None:
+    """Why a crash image judged by _judge_crash_image is bad (corrupt, uncheckable or
+    unreadable to QEMU), or None: leaks are fine."""
+    if info.get("corruptions", 0) or info.get("check-errors", 0) or info["rc"] not in (0, 3) \
+            or guest is None:
+        return f"qemu-img check: {_check_summary(info)}"
+    return None
+
+
 def _guest_raw(path: Path) -> bytes:
     raw = path.with_suffix(".raw")
     qemu.convert_to_raw(path, raw)
@@ -451,9 +460,9 @@ def test_power_loss_at_any_point(tmp_path, cs, rb, compat, size, n_ops, n_cuts, 
         where = f"seed={seed} geometry=({cs}, {rb}, {compat}, {variant!r}) cut={k}/{len(w.log)} mode={mode}"
         modes[mode] = modes.get(mode, 0) + 1
         info, guest = _judge_crash_image(crash_path)
-        if info.get("corruptions", 0) or info.get("check-errors", 0) or info["rc"] not in (0, 3) \
-                or guest is None:
-            failures.append(f"{where}: qemu-img check: {_check_summary(info)}")
+        bad = _crash_verdict(info, guest)
+        if bad:
+            failures.append(f"{where}: {bad}")
             failed_modes[mode] = failed_modes.get(mode, 0) + 1
             crash_path.rename(tmp_path / f"corrupt-cut{k}.qcow2")
             continue

@@ -19,7 +19,7 @@ from qcowfuse import Image
 from qcowfuse.hostfile import HostFile
 from test_bitmaps import dirty_ranges
 from test_crash import (
-    SEED, GuestWrite, RecordingFile, Workload, _check_summary, _crash_images, _guest_raw,
+    SEED, GuestWrite, RecordingFile, Workload, _crash_images, _crash_verdict, _guest_raw,
     _judge_crash_image, _pick_cuts, _verify_guest)
 
 
@@ -78,9 +78,9 @@ def test_power_loss_while_bitmaps_are_tracked_and_stored(tmp_path, cs, granulari
         crash_path.write_bytes(crash)
         where = f"seed={seed} cs={cs} cut={k}/{len(w.log)} mode={mode}"
         info, got = _judge_crash_image(crash_path)
-        if info.get("corruptions", 0) or info.get("check-errors", 0) or info["rc"] not in (0, 3) \
-                or got is None:
-            failures.append(f"{where}: qemu-img check: {_check_summary(info)}")
+        bad = _crash_verdict(info, got)
+        if bad:
+            failures.append(f"{where}: {bad}")
             continue
         why = _verify_guest(got, flushed, at_cut, since)
         if why:

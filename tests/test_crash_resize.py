@@ -24,7 +24,7 @@ from conftest import _pid_alive
 from qcowfuse import Image
 from qcowfuse.hostfile import HostFile
 from test_crash import (SECTOR, SEED, GuestWrite, RecordingFile, Workload, _check_not_corrupt,
-                        _check_summary, _crash_images, _guest_raw, _judge_crash_image, _Killer,
+                        _crash_images, _crash_verdict, _guest_raw, _judge_crash_image, _Killer,
                         _pick_cuts, _verify_guest)
 
 KiB, MiB = 1 << 10, 1 << 20
@@ -137,9 +137,9 @@ def test_power_loss_while_resizing(tmp_path, cs, rb, compat, size, steps, n_cuts
         crash_path.write_bytes(crash)
         where = f"seed={seed} geometry=({cs}, {rb}, {compat}, {variant!r}) cut={k}/{len(w.log)} mode={mode}"
         info, guest = _judge_crash_image(crash_path)
-        if info.get("corruptions", 0) or info.get("check-errors", 0) or info["rc"] not in (0, 3) \
-                or guest is None:
-            failures.append(f"{where}: qemu-img check: {_check_summary(info)}")
+        bad = _crash_verdict(info, guest)
+        if bad:
+            failures.append(f"{where}: {bad}")
             continue
         allowed = w.sizes_at(k)
         if len(guest) not in allowed:
