@@ -802,6 +802,26 @@ class _Killer(threading.Thread):
             self.killed_at = time.monotonic()
 
 
+def _after_kill(killer: "_Killer | None", fd: int) -> None:
+    """Stop the killer thread and drop the client's fd (gone either way once killed)."""
+    if killer is not None:
+        killer.cancel.set()
+        killer.join()
+    try:
+        os.close(fd)  # FUSE_FLUSH fails once the daemon is killed
+    except OSError:
+        pass
+
+
+def _assert_killed(killer: "_Killer", pid: int, where: str) -> None:
+    """The kill happened (not an I/O failure first) and the daemon is gone."""
+    assert killer.killed_at is not None, f"{where}: I/O failed before the kill"
+    deadline = time.monotonic() + 10
+    while _pid_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not _pid_alive(pid), f"{where}: daemon {pid} survived SIGKILL"
+
+
 def test_sigkill_daemon_loses_nothing_fsynced(tmp_path, mount):
     rnd = random.Random(SEED + 2)
     rounds = 10
@@ -855,17 +875,8 @@ def test_sigkill_daemon_loses_nothing_fsynced(tmp_path, mount):
                 else:
                     raise AssertionError(f"{where}: the daemon was never killed")
             finally:
-                killer.cancel.set()
-                killer.join()
-                try:
-                    os.close(fd)  # the fd is gone either way; FUSE_FLUSH fails once killed
-                except OSError:
-                    pass
-            assert killer.killed_at is not None, f"{where}: I/O failed before the kill"
-            deadline = time.monotonic() + 10
-            while _pid_alive(pid) and time.monotonic() < deadline:
-                time.sleep(0.02)
-            assert not _pid_alive(pid), f"{where}: daemon {pid} survived SIGKILL"
+                _after_kill(killer, fd)
+            _assert_killed(killer, pid, where)
         _check_not_corrupt(img)
         got = _guest_raw(img)
         for b in range(nblocks):

@@ -20,12 +20,11 @@ from pathlib import Path
 import pytest
 
 import qemu
-from conftest import _pid_alive
 from qcowfuse import Image
 from qcowfuse.hostfile import HostFile
-from test_crash import (SECTOR, SEED, GuestWrite, RecordingFile, Workload, _check_not_corrupt,
-                        _crash_images, _crash_verdict, _guest_raw, _judge_crash_image, _Killer,
-                        _pick_cuts, _verify_guest)
+from test_crash import (SECTOR, SEED, GuestWrite, RecordingFile, Workload, _after_kill,
+                        _assert_killed, _check_not_corrupt, _crash_images, _crash_verdict, _guest_raw,
+                        _judge_crash_image, _Killer, _pick_cuts, _verify_guest)
 
 KiB, MiB = 1 << 10, 1 << 20
 
@@ -221,18 +220,8 @@ def test_sigkill_while_growing_through_mount(tmp_path, mount):
                 else:
                     raise AssertionError(f"{where}: the daemon was never killed")
             finally:
-                if killer is not None:
-                    killer.cancel.set()
-                    killer.join()
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
-            assert killer.killed_at is not None, f"{where}: I/O failed before the kill"
-            deadline = time.monotonic() + 10
-            while _pid_alive(pid) and time.monotonic() < deadline:
-                time.sleep(0.02)
-            assert not _pid_alive(pid), f"{where}: daemon {pid} survived SIGKILL"
+                _after_kill(killer, fd)
+            _assert_killed(killer, pid, where)
         inside += len(sizes) > 1
         _check_not_corrupt(img)
         raw_out = qemu.convert_to_raw(img, tmp_path / f"k{rnd_no}.raw")  # sparse
