@@ -106,7 +106,7 @@ class RawFileOperations(pyfuse3.Operations):
         size, so stat and the loop driver (losetup -c) see it at once.  Errnos: EROFS on a
         read-only image; EPERM for a shrink that would cut off guest data; EINVAL for a size
         that is not a multiple of 512; EFBIG past the format's limit; EOPNOTSUPP for images
-        that cannot be resized yet (persistent bitmaps, v2 with snapshots)."""
+        QEMU cannot resize either (bitmaps in use, v2 with snapshots)."""
         try:
             self.image.resize(new_size)
         except ReadOnlyError:
