@@ -345,6 +345,26 @@ def test_bitmaps_follow_grow_and_shrink_as_qemu_does(tmp_path, mount):
         assert dirty_ranges(ours, name) == dirty_ranges(theirs, name), name
 
 
+def test_shrink_then_grow_in_one_mount_keeps_later_writes_and_frees_cut_data(tmp_path, mount):
+    """A shrink drops the bitmap data clusters past the new end; growing again in the same
+    mount and writing there must record the write (not keep the dropped cluster because its
+    old bits happen to match), and every dropped cluster is freed (no leak)."""
+    size = 64 * MiB
+    img = create(tmp_path / "sg.qcow2", size, cluster_size=512)  # 2 MiB of guest per data cluster
+    run("qemu-img", "bitmap", "--add", "-g", "512", str(img), "b")
+    # dirty bits past the coming shrink, in two data clusters, and no guest data there
+    qemu_io(img, "write -z -u 50M 512", "write -z -u 60M 512")
+    assert dirty_ranges(img, "b") == [(50 * MiB, 50 * MiB + 512), (60 * MiB, 60 * MiB + 512)]
+    target = tmp_path / "r.raw"
+    target.touch()
+    with mount(img, target) as (raw, _):
+        os.truncate(raw, 32 * MiB)
+        os.truncate(raw, size)
+        write_raw(raw, 60 * MiB, os.urandom(512))  # the same bit as before the shrink
+    assert_clean(img)
+    assert dirty_ranges(img, "b") == [(60 * MiB, 60 * MiB + 512)]  # 50M was cut off: clean
+
+
 def test_touched_bitmap_data_spills_to_disk_over_budget(tmp_path):
     """Memory stays bounded: over its budget, touched bitmap data goes to the clusters it
     will live in and is read back from there when touched again."""
