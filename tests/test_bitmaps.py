@@ -5,6 +5,7 @@ content as qemu-nbd exports it, read with libnbd's nbdinfo."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -381,3 +382,35 @@ def test_touched_bitmap_data_spills_to_disk_over_budget(tmp_path):
         assert img.bitmaps._spilled, "nothing spilled: the budget was not exercised"
     assert_clean(img_path)
     assert dirty_ranges(img_path, "fine") == expected([(o, o + n) for o, n in writes], 512, size)
+
+
+class _FullDisk:
+    """The host file as the bitmap store sees it when the disk is full: writes fail."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def pwrite(self, offset, data):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def test_bitmap_store_failing_at_close_keeps_guest_writes(tmp_path):
+    """ENOSPC while the bitmaps are stored: the guest's writes are still flushed (as
+    QEMU's qcow2_inactivate flushes its caches after a failed store), the bitmaps stay
+    in use, and the image is clean."""
+    from qcowfuse import Image
+
+    img_path = create(tmp_path / "f.qcow2", 64 * MiB)
+    run("qemu-img", "bitmap", "--add", str(img_path), "b")
+    img = Image.open(str(img_path), writable=True)
+    img.write(10 * MiB, b"\x42" * 65536)
+    img.bitmaps.f = _FullDisk(img.f)
+    with pytest.raises(OSError):
+        img.close()
+    assert img.f.fd < 0
+    qemu_io(img_path, "read -P 0x42 10M 64k", read_only=True)
+    assert bitmap_flags(img_path) == {"b": ["in-use", "auto"]}
+    assert_clean(img_path)
