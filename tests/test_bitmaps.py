@@ -366,6 +366,22 @@ def test_shrink_then_grow_in_one_mount_keeps_later_writes_and_frees_cut_data(tmp
     assert dirty_ranges(img, "b") == [(60 * MiB, 60 * MiB + 512)]  # 50M was cut off: clean
 
 
+def test_truncate_to_zero_refused_while_bitmaps_exist(tmp_path, mount):
+    """A bitmap of a 0-byte disk would need an empty table, which QEMU refuses to open
+    (bitmap_table_size 0): the truncate is refused and the image stays QEMU's."""
+    img = create(tmp_path / "z.qcow2", 1 * MiB)
+    run("qemu-img", "bitmap", "--add", str(img), "b")
+    target = tmp_path / "r.raw"
+    target.touch()
+    with mount(img, target) as (raw, _):
+        with pytest.raises(OSError) as e:
+            os.truncate(raw, 0)
+        assert e.value.errno == errno.EINVAL
+        assert raw.stat().st_size == 1 * MiB
+    assert_clean(img)
+    assert bitmap_flags(img) == {"b": ["auto"]}
+
+
 def test_touched_bitmap_data_spills_to_disk_over_budget(tmp_path):
     """Memory stays bounded: over its budget, touched bitmap data goes to the clusters it
     will live in and is read back from there when touched again."""
