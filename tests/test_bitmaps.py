@@ -400,17 +400,20 @@ def test_touched_bitmap_data_spills_to_disk_over_budget(tmp_path):
     assert dirty_ranges(img_path, "fine") == expected([(o, o + n) for o, n in writes], 512, size)
 
 
-class _FullDisk:
-    """The host file as the bitmap store sees it when the disk is full: writes fail."""
+class _FailingWrites:
+    """The host file with writes that fail: all of them (a full disk), or those `fails`
+    picks by (offset, length)."""
 
-    def __init__(self, inner) -> None:
-        self.inner = inner
+    def __init__(self, inner, fails=lambda offset, length: True, code: int = errno.ENOSPC) -> None:
+        self.inner, self.fails, self.code = inner, fails, code
 
     def __getattr__(self, name):
         return getattr(self.inner, name)
 
     def pwrite(self, offset, data):
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        if self.fails(offset, len(data)):
+            raise OSError(self.code, os.strerror(self.code))
+        self.inner.pwrite(offset, data)
 
 
 def test_bitmap_store_failing_at_close_keeps_guest_writes(tmp_path):
@@ -423,10 +426,29 @@ def test_bitmap_store_failing_at_close_keeps_guest_writes(tmp_path):
     run("qemu-img", "bitmap", "--add", str(img_path), "b")
     img = Image.open(str(img_path), writable=True)
     img.write(10 * MiB, b"\x42" * 65536)
-    img.bitmaps.f = _FullDisk(img.f)
+    img.bitmaps.f = _FailingWrites(img.f)
     with pytest.raises(OSError):
         img.close()
     assert img.f.fd < 0
     qemu_io(img_path, "read -P 0x42 10M 64k", read_only=True)
+    assert bitmap_flags(img_path) == {"b": ["in-use", "auto"]}
+    assert_clean(img_path)
+
+
+def test_resize_failing_at_the_size_field_leaves_bitmaps_in_use(tmp_path):
+    """The header's size write fails (EIO) after the bitmaps were resized in memory: the
+    disk keeps its old size, so bitmaps sized for the new one must not be stored (QEMU
+    would refuse to open the image); they stay in use, and the image is clean."""
+    from qcowfuse import Image
+
+    img_path = create(tmp_path / "e.qcow2", 64 * MiB, cluster_size=512)
+    run("qemu-img", "bitmap", "--add", "-g", "512", str(img_path), "b")  # 32 table entries
+    img = Image.open(str(img_path), writable=True)
+    img.write(0, b"x" * 512)
+    img.f = _FailingWrites(img.f, lambda offset, length: (offset, length) == (24, 8), errno.EIO)
+    with pytest.raises(OSError):
+        img.resize(32 * MiB)
+    assert img.size == 64 * MiB
+    img.close()
     assert bitmap_flags(img_path) == {"b": ["in-use", "auto"]}
     assert_clean(img_path)

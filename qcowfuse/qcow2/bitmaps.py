@@ -449,8 +449,8 @@ class Bitmaps:
         if not self.writing:
             return
         self.writing = False
-        if not self.tracked:
-            return
+        if not self.tracked or self.disk_size != self.header.size:
+            return  # a resize failed half-way: leave them in_use (inconsistent), as a crash would
         alloc, cs, cb = self._alloc, self.cs, self.cb
         old: list[tuple[int, int]] = [(self.ext.directory_offset, self.ext.directory_size)]
         for bm in self.tracked:
