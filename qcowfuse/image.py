@@ -177,9 +177,9 @@ class Image(ReadPath, WritePath, Integrity):
         if self.f.fd < 0:
             return
         try:
+            self.flush()  # guest writes first: a failing bitmap store must not lose them
             if self.bitmaps is not None and self.writable and not self._corrupt:
                 self.bitmaps.store(self.alloc.free_later, self.flush)
-            self.flush()
         finally:
             self.f.close()
             if self.backing is not None:

@@ -5,6 +5,7 @@ content as qemu-nbd exports it, read with libnbd's nbdinfo."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -345,6 +346,42 @@ def test_bitmaps_follow_grow_and_shrink_as_qemu_does(tmp_path, mount):
         assert dirty_ranges(ours, name) == dirty_ranges(theirs, name), name
 
 
+def test_shrink_then_grow_in_one_mount_keeps_later_writes_and_frees_cut_data(tmp_path, mount):
+    """A shrink drops the bitmap data clusters past the new end; growing again in the same
+    mount and writing there must record the write (not keep the dropped cluster because its
+    old bits happen to match), and every dropped cluster is freed (no leak)."""
+    size = 64 * MiB
+    img = create(tmp_path / "sg.qcow2", size, cluster_size=512)  # 2 MiB of guest per data cluster
+    run("qemu-img", "bitmap", "--add", "-g", "512", str(img), "b")
+    # dirty bits past the coming shrink, in two data clusters, and no guest data there
+    qemu_io(img, "write -z -u 50M 512", "write -z -u 60M 512")
+    assert dirty_ranges(img, "b") == [(50 * MiB, 50 * MiB + 512), (60 * MiB, 60 * MiB + 512)]
+    target = tmp_path / "r.raw"
+    target.touch()
+    with mount(img, target) as (raw, _):
+        os.truncate(raw, 32 * MiB)
+        os.truncate(raw, size)
+        write_raw(raw, 60 * MiB, os.urandom(512))  # the same bit as before the shrink
+    assert_clean(img)
+    assert dirty_ranges(img, "b") == [(60 * MiB, 60 * MiB + 512)]  # 50M was cut off: clean
+
+
+def test_truncate_to_zero_refused_while_bitmaps_exist(tmp_path, mount):
+    """A bitmap of a 0-byte disk would need an empty table, which QEMU refuses to open
+    (bitmap_table_size 0): the truncate is refused and the image stays QEMU's."""
+    img = create(tmp_path / "z.qcow2", 1 * MiB)
+    run("qemu-img", "bitmap", "--add", str(img), "b")
+    target = tmp_path / "r.raw"
+    target.touch()
+    with mount(img, target) as (raw, _):
+        with pytest.raises(OSError) as e:
+            os.truncate(raw, 0)
+        assert e.value.errno == errno.EINVAL
+        assert raw.stat().st_size == 1 * MiB
+    assert_clean(img)
+    assert bitmap_flags(img) == {"b": ["auto"]}
+
+
 def test_touched_bitmap_data_spills_to_disk_over_budget(tmp_path):
     """Memory stays bounded: over its budget, touched bitmap data goes to the clusters it
     will live in and is read back from there when touched again."""
@@ -361,3 +398,57 @@ def test_touched_bitmap_data_spills_to_disk_over_budget(tmp_path):
         assert img.bitmaps._spilled, "nothing spilled: the budget was not exercised"
     assert_clean(img_path)
     assert dirty_ranges(img_path, "fine") == expected([(o, o + n) for o, n in writes], 512, size)
+
+
+class _FailingWrites:
+    """The host file with writes that fail: all of them (a full disk), or those `fails`
+    picks by (offset, length)."""
+
+    def __init__(self, inner, fails=lambda offset, length: True, code: int = errno.ENOSPC) -> None:
+        self.inner, self.fails, self.code = inner, fails, code
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def pwrite(self, offset, data):
+        if self.fails(offset, len(data)):
+            raise OSError(self.code, os.strerror(self.code))
+        self.inner.pwrite(offset, data)
+
+
+def test_bitmap_store_failing_at_close_keeps_guest_writes(tmp_path):
+    """ENOSPC while the bitmaps are stored: the guest's writes are still flushed (as
+    QEMU's qcow2_inactivate flushes its caches after a failed store), the bitmaps stay
+    in use, and the image is clean."""
+    from qcowfuse import Image
+
+    img_path = create(tmp_path / "f.qcow2", 64 * MiB)
+    run("qemu-img", "bitmap", "--add", str(img_path), "b")
+    img = Image.open(str(img_path), writable=True)
+    img.write(10 * MiB, b"\x42" * 65536)
+    img.bitmaps.f = _FailingWrites(img.f)
+    with pytest.raises(OSError):
+        img.close()
+    assert img.f.fd < 0
+    qemu_io(img_path, "read -P 0x42 10M 64k", read_only=True)
+    assert bitmap_flags(img_path) == {"b": ["in-use", "auto"]}
+    assert_clean(img_path)
+
+
+def test_resize_failing_at_the_size_field_leaves_bitmaps_in_use(tmp_path):
+    """The header's size write fails (EIO) after the bitmaps were resized in memory: the
+    disk keeps its old size, so bitmaps sized for the new one must not be stored (QEMU
+    would refuse to open the image); they stay in use, and the image is clean."""
+    from qcowfuse import Image
+
+    img_path = create(tmp_path / "e.qcow2", 64 * MiB, cluster_size=512)
+    run("qemu-img", "bitmap", "--add", "-g", "512", str(img_path), "b")  # 32 table entries
+    img = Image.open(str(img_path), writable=True)
+    img.write(0, b"x" * 512)
+    img.f = _FailingWrites(img.f, lambda offset, length: (offset, length) == (24, 8), errno.EIO)
+    with pytest.raises(OSError):
+        img.resize(32 * MiB)
+    assert img.size == 64 * MiB
+    img.close()
+    assert bitmap_flags(img_path) == {"b": ["in-use", "auto"]}
+    assert_clean(img_path)

@@ -449,8 +449,8 @@ class Bitmaps:
         if not self.writing:
             return
         self.writing = False
-        if not self.tracked:
-            return
+        if not self.tracked or self.disk_size != self.header.size:
+            return  # a resize failed half-way: leave them in_use (inconsistent), as a crash would
         alloc, cs, cb = self._alloc, self.cs, self.cb
         old: list[tuple[int, int]] = [(self.ext.directory_offset, self.ext.directory_size)]
         for bm in self.tracked:
@@ -459,11 +459,11 @@ class Bitmaps:
             for idx in sorted(self._touched[bm.name]):
                 data = self._chunk_bytes(bm, idx)
                 key = (bm.name, idx)
-                prev = disk[idx] & BME_TABLE_ENTRY_OFFSET_MASK if idx < len(disk) else 0
-                if prev and key not in self._spilled and data == _read(self.f, prev, cs):
+                # the entry as it stands now: a shrink and a grow since open may have
+                # dropped the cluster on disk, whose old bits must not count
+                cur = table[idx] & BME_TABLE_ENTRY_OFFSET_MASK
+                if cur and key not in self._spilled and data == _read(self.f, cur, cs):
                     continue  # only bits that were set already: keep the old cluster
-                if prev:
-                    old.append((prev, cs))
                 if data is not None and not data.strip(b"\xff"):
                     table[idx] = BME_TABLE_ENTRY_FLAG_ALL_ONES
                     if key in self._spilled:
@@ -472,8 +472,10 @@ class Bitmaps:
                 where = self._spilled.get(key) or alloc(1) << cb
                 self.f.pwrite(where, data)
                 table[idx] = where
-            old += [(e & BME_TABLE_ENTRY_OFFSET_MASK, cs) for e in disk[len(table):]
-                    if e & BME_TABLE_ENTRY_OFFSET_MASK]  # cut off by a shrink
+            # every data cluster on disk the new table no longer points at: replaced,
+            # or cut off by a shrink (and maybe grown back as zeros)
+            old += [(e & BME_TABLE_ENTRY_OFFSET_MASK, cs) for i, e in enumerate(disk)
+                    if e & BME_TABLE_ENTRY_OFFSET_MASK and (i >= len(table) or table[i] != e)]
             if table == disk:
                 continue
             n = -(-len(table) * 8 // cs)

@@ -89,6 +89,9 @@ def _refuse(img: ImageState, new_size: int) -> None:
         if stale:  # as QEMU's qcow2_truncate_bitmaps_check: it cannot resize what it can't trust
             raise ResizeError(f"cannot resize: bitmap '{stale[0]}' is inconsistent (in use); remove "
                               f"it first (qemu-img bitmap --remove)", errno.EOPNOTSUPP)
+        if new_size == 0 and img.bitmaps.list:  # QEMU's check_dir_entry refuses table size 0
+            raise ResizeError("cannot resize to 0 bytes: the image has persistent bitmaps",
+                              errno.EINVAL)
     if img.snapshots and img.version < 3:
         raise ResizeError("Can't resize a v2 image which has snapshots", errno.EOPNOTSUPP)
     for s in img.snapshots:
