@@ -105,8 +105,9 @@ class RawFileOperations(pyfuse3.Operations):
         """truncate(2) grows or shrinks the guest disk; the reply's attributes carry the new
         size, so stat and the loop driver (losetup -c) see it at once.  Errnos: EROFS on a
         read-only image; EPERM for a shrink that would cut off guest data; EINVAL for a size
-        that is not a multiple of 512; EFBIG past the format's limit; EOPNOTSUPP for images
-        QEMU cannot resize either (bitmaps in use, v2 with snapshots)."""
+        that is not a multiple of 512, or 0 while the image has bitmaps; EFBIG past the
+        format's limit; EOPNOTSUPP for images QEMU cannot resize either (bitmaps in use,
+        v2 with snapshots)."""
         try:
             self.image.resize(new_size)
         except ReadOnlyError:
