@@ -297,3 +297,22 @@ def test_info_takes_no_locks(tmp_path, mount):
         r = run_cli("info", "--output=json", str(img))
         assert r.returncode == 0, r.stderr
         assert json.loads(r.stdout)["virtual-size"] == 4 * MiB
+
+
+def test_repair_leaks_refuses_when_only_a_rebuild_can_fix(tmp_path):
+    """As `qemu-img check -r leaks`: an under-count needs the refcount structures rebuilt,
+    so nothing is written (no leak lowered, no COPIED flag changed), exit 1."""
+    img = qemu.create(tmp_path / "under.qcow2", 16 * MiB)
+    qemu.qemu_io(img, "write -P 0x12 0 4M")
+    os.truncate(img, 8 * MiB)
+    view = RefcountView(img)
+    for c in (100, 101):
+        view.set_refcount(c, 1)
+    view.set_refcount(10, 0)  # a data cluster counted too low
+    before = img.read_bytes()
+    r = run_cli("check", "--repair", "leaks", str(img))
+    assert "Traceback" not in r.stderr, r.stderr
+    assert r.returncode == 1 and "need to rebuild refcount structures" in r.stdout
+    assert img.read_bytes() == before
+    info = qemu.check(img)
+    assert info.get("leaks") == 2 and info.get("corruptions") == 2  # the count and its COPIED flag

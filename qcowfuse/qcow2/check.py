@@ -401,6 +401,12 @@ class Checker:
             report.leaked_clusters, report.corrupt_clusters = after.leaked_clusters, after.corrupt_clusters
             report.image_end_offset = after.image_end_offset
             report.messages += after.messages
+        elif repair is not None and (under or refs.rebuild):
+            # QEMU's qcow2_check_refcounts: only a rebuild may fix these, and lowering
+            # leaks counted against broken refcount structures could free one of them
+            report.messages.append("ERROR need to rebuild refcount structures")
+            report.check_errors += 1
+            return report
         elif repair is not None and report.leaks:
             report.corruptions, report.messages = pre_compare[0], pre_compare[1]
             report.leaks = 0
