@@ -39,6 +39,18 @@ def tree_hashes(root: Path) -> dict[str, str]:
             for p in sorted(root.rglob("*")) if p.is_file() and "lost+found" not in p.parts}
 
 
+def assert_ext4_as_qemu_reads_it(image: Path, tmp_path: Path, written: dict[str, str]) -> None:
+    """Judge a guest ext4 on QEMU's reading of the image, never through qcowfuse:
+    e2fsck -fn on `qemu-img convert` output, and the files' hashes from a read-only
+    loop mount of it equal to what was written."""
+    converted = qemu.convert_to_raw(image, tmp_path / "converted.raw")
+    fsck = subprocess.run(["e2fsck", "-fn", str(converted)], capture_output=True, text=True)
+    assert fsck.returncode == 0, fsck.stdout + fsck.stderr
+    with loop_device(converted, read_only=True) as dev:
+        with fs_mounted(dev, tmp_path / "qemu-view", read_only=True) as root:
+            assert tree_hashes(root) == written
+
+
 def test_ext4_on_loop_device(tmp_path, mount):
     """ext4 made and filled through the mount; judged on QEMU's reading of the image
     (qemu-img convert to raw), never through qcowfuse: e2fsck -fn on the converted
@@ -56,10 +68,5 @@ def test_ext4_on_loop_device(tmp_path, mount):
                 written = tree_hashes(root)
                 sh("sync")
     qemu.assert_clean(img)
-    converted = qemu.convert_to_raw(img, tmp_path / "converted.raw")
-    fsck = subprocess.run(["e2fsck", "-fn", str(converted)], capture_output=True, text=True)
-    assert fsck.returncode == 0, fsck.stdout + fsck.stderr
-    with loop_device(converted, read_only=True) as dev:
-        with fs_mounted(dev, tmp_path / "guest", read_only=True) as root:
-            assert tree_hashes(root) == written
+    assert_ext4_as_qemu_reads_it(img, tmp_path, written)
     assert len(written) == 300

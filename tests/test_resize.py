@@ -18,7 +18,7 @@ from cli_helpers import assert_one_line_error
 from conftest import run_cli
 from qcowfuse import Image, ReadOnlyError
 from qcowfuse.errors import ResizeError
-from test_ext4 import fs_mounted, loop_device, sh, tree_hashes
+from test_ext4 import assert_ext4_as_qemu_reads_it, fs_mounted, loop_device, sh, tree_hashes
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 
@@ -339,12 +339,7 @@ def test_loop_device_and_resize2fs_in_the_grown_view(tmp_path, mount):
                 sh("sync")
     assert info(path)["virtual-size"] == 640 * MiB
     qemu.assert_clean(path)
-    out = qemu.convert_to_raw(path, tmp_path / "out.raw")
-    fsck = subprocess.run(["e2fsck", "-fn", str(out)], capture_output=True, text=True)
-    assert fsck.returncode == 0, fsck.stdout + fsck.stderr
-    with loop_device(out, read_only=True) as dev:
-        with fs_mounted(dev, tmp_path / "check", read_only=True) as root:
-            assert tree_hashes(root) == written
+    assert_ext4_as_qemu_reads_it(path, tmp_path, written)
 
 
 # -- qcowfuse resize ------------------------------------------------------------------------
