@@ -12,7 +12,6 @@ import os
 import re
 import sys
 from typing import TYPE_CHECKING
-from fractions import Fraction
 
 from . import __version__
 from .errors import QcowError
@@ -22,7 +21,7 @@ if TYPE_CHECKING:
 
 EPILOG = """\
 other commands:
-  qcowfuse info IMAGE [--output=json]                 describe an image
+  qcowfuse info IMAGE [--allocated] [--output=json]   describe an image
   qcowfuse check IMAGE [-r leaks|all] [--output=json]  recount refcounts, repair
   qcowfuse map IMAGE [--output=json]                  allocated / zero / unallocated extents
   qcowfuse map IMAGE --bitmap NAME [--output=json]    what a persistent dirty bitmap marks changed
@@ -72,8 +71,11 @@ def strtosz(text: str) -> int:
         value = int(hexdigits, 16) << shift
     elif frac is not None and shift == 0:
         raise ValueError(text)
+    elif not frac:
+        value = int(whole) << shift
     else:
-        value = int(Fraction(f"{whole}.{frac or 0}") * (1 << shift))
+        from fractions import Fraction  # only for sizes with a fraction: keeps startup quick
+        value = int(Fraction(f"{whole}.{frac}") * (1 << shift))
     if value >= 1 << 64:
         raise OverflowError(text)
     return value
@@ -166,11 +168,13 @@ def info_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="qcowfuse info", description="Describe a qcow2 image.")
     p.add_argument("image")
     p.add_argument("--output", choices=("human", "json"), default="human")
+    p.add_argument("--allocated", action="store_true",
+                   help="also count the guest clusters that hold data (reads every L2 table)")
     args = p.parse_args(argv)
     from .info import image_info
-    progress = _progress(args.output, "reading tables")
+    progress = _progress(args.output, "reading tables") if args.allocated else None
     try:
-        info = image_info(args.image, progress)
+        info = image_info(args.image, progress, allocated=args.allocated)
     except QcowError as e:
         print(f"qcowfuse: {e}", file=sys.stderr)
         return 1
@@ -185,8 +189,9 @@ def info_main(argv: list[str]) -> int:
     print(f"virtual size: {_human(info['virtual-size'])} ({info['virtual-size']} bytes)")
     print(f"cluster size: {info['cluster-size']}, refcount bits: {info['refcount-bits']}, "
           f"compression: {info['compression-type']}")
-    print(f"host file size: {_human(info['host-file-size'])}, disk usage: {_human(info['disk-usage'])}, "
-          f"allocated: {_human(info['allocated-bytes'])}")
+    allocated = f", allocated: {_human(info['allocated-bytes'])}" if args.allocated else ""
+    print(f"host file size: {_human(info['host-file-size'])}, disk usage: "
+          f"{_human(info['disk-usage'])}{allocated}")
     for i, layer in enumerate(info["backing-chain"]):
         print(f"backing file {i + 1}: {layer['filename']} ({layer['format']})")
     for s in info["snapshots"]:
@@ -310,7 +315,6 @@ def _bitmap_map(path: str, name: str, output: str) -> int:
     return 0
 
 
-SUBCOMMANDS = {"info": info_main, "check": check_main, "map": map_main}
 def resize_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(
         prog="qcowfuse resize", usage="qcowfuse resize [-h] [--shrink] [-q] IMAGE [+|-]SIZE",

@@ -6,14 +6,12 @@ every write and sync (power-loss simulation) without touching the engine.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import os
 
 from .errors import CorruptError
 
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+_libc = None  # the C library, for fallocate(2) (see punch_hole)
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
 
@@ -86,6 +84,11 @@ class HostFile:
 
     def punch_hole(self, offset: int, length: int) -> None:
         """Give the space back to the host filesystem (best effort; size unchanged)."""
+        global _libc
+        import ctypes  # Python has no fallocate(2) with flags; loaded when space is first freed
+
+        if _libc is None:
+            _libc = ctypes.CDLL(None, use_errno=True)
         try:
             if _libc.fallocate(self.fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE,
                                ctypes.c_long(offset), ctypes.c_long(length)) != 0:

@@ -46,10 +46,11 @@ def allocated_clusters(img: Image, progress: Progress | None = None) -> int:
     return n
 
 
-def image_info(path: str, progress: Progress | None = None) -> dict:
+def image_info(path: str, progress: Progress | None = None, allocated: bool = False) -> dict:
     """Open without locks (like qemu-img info -U): information only, never a write.
-    Only `allocated-bytes` reads the L2 tables; everything else comes from the header,
-    the snapshot table and the backing chain."""
+    Everything comes from the header, the snapshot table, the bitmap directory and the
+    backing chain, as qemu-img info's does; only `allocated-bytes` (asked for with
+    `allocated`) reads the L2 tables."""
     img = Image.open(path, writable=False, lock=False)
     try:
         h = img.header
@@ -70,7 +71,7 @@ def image_info(path: str, progress: Progress | None = None) -> dict:
             "date": datetime.datetime.fromtimestamp(s.date_sec, datetime.timezone.utc).isoformat(),
             "vm-clock-nsec": s.vm_clock_nsec,
         } for s in img.snapshots]
-        return {
+        info = {
             "filename": path,
             "format": "qcow2",
             "version": h.version,
@@ -81,7 +82,6 @@ def image_info(path: str, progress: Progress | None = None) -> dict:
             "compression-type": "zstd" if h.compression_type else "zlib",
             "host-file-size": st.st_size,
             "disk-usage": st.st_blocks * 512,
-            "allocated-bytes": allocated_clusters(img, progress) * h.cluster_size,
             "backing-file": h.backing_file,
             "backing-format": h.backing_format,
             "backing-chain": chain,
@@ -91,5 +91,8 @@ def image_info(path: str, progress: Progress | None = None) -> dict:
             "dirty": bool(h.incompatible_features & INCOMPAT_DIRTY),
             "corrupt": bool(h.incompatible_features & INCOMPAT_CORRUPT),
         }
+        if allocated:
+            info["allocated-bytes"] = allocated_clusters(img, progress) * h.cluster_size
+        return info
     finally:
         img.close()

@@ -11,8 +11,6 @@ from __future__ import annotations
 import zlib
 from dataclasses import dataclass
 
-import zstandard
-
 from ..errors import CorruptError
 from .header import COMPRESSION_ZSTD
 
@@ -46,10 +44,15 @@ class CompressedDescriptor:
 def decompress(data: bytes, cluster_size: int, compression_type: int) -> bytes:
     try:
         if compression_type == COMPRESSION_ZSTD:
-            out = zstandard.ZstdDecompressor().decompressobj().decompress(data)
+            import zstandard  # imported by the first zstd cluster read, not by every command
+
+            try:
+                out = zstandard.ZstdDecompressor().decompressobj().decompress(data)
+            except zstandard.ZstdError as e:
+                raise ValueError(str(e)) from None
         else:
             out = zlib.decompressobj(-12).decompress(data, cluster_size)
-    except (zlib.error, zstandard.ZstdError, ValueError) as e:
+    except (zlib.error, ValueError) as e:
         raise CorruptError(f"compressed cluster does not decompress: {e}") from None
     if len(out) < cluster_size:
         raise CorruptError("compressed cluster decompresses to less than a cluster")

@@ -9,14 +9,17 @@ tables, refcounts (rc), snapshots and bitmaps.
 
 from __future__ import annotations
 
-import logging
 import struct
 
 from ..errors import CorruptError, UnsupportedError
 from .header import INCOMPAT_CORRUPT, INCOMPAT_DIRTY, OFF_INCOMPATIBLE_FEATURES
 from .tables import L1E_OFFSET_MASK
 
-log = logging.getLogger("qcowfuse")
+
+def _log():
+    import logging  # the daemon has it loaded; the offline commands seldom log
+
+    return logging.getLogger("qcowfuse")
 
 
 class Integrity:
@@ -29,7 +32,7 @@ class Integrity:
         if report.corruptions or report.check_errors:
             raise CorruptError("image was not closed cleanly and its refcounts could not be "
                                "repaired: run 'qcowfuse check --repair all'")
-        log.warning("image was not closed cleanly (lazy refcounts): refcounts repaired "
+        _log().warning("image was not closed cleanly (lazy refcounts): refcounts repaired "
                     "(%d corruptions, %d leaks fixed)", report.corruptions_fixed, report.leaks_fixed)
 
     def metadata_clusters(self) -> list[tuple[str, int]]:
@@ -88,7 +91,7 @@ class Integrity:
                 healed.append(f"{what} {c}")
         if healed:
             self.rc.flush()
-            log.warning("healed refcount 0 of in-use metadata clusters: %s", ", ".join(healed))
+            _log().warning("healed refcount 0 of in-use metadata clusters: %s", ", ".join(healed))
 
     def _check_fresh(self, first: int, count: int) -> None:
         """A newly allocated run must not be metadata (a refcount of 0 on a table)."""
@@ -113,7 +116,7 @@ class Integrity:
         if not self.writable or self._corrupt:
             return
         self._corrupt = True
-        log.error("marking image corrupt: %s", reason)
+        _log().error("marking image corrupt: %s", reason)
         if self.version < 3:
             return
         self.header.incompatible_features |= INCOMPAT_CORRUPT
