@@ -21,27 +21,21 @@ def _feature_names(img: Image) -> dict[str, list[str]]:
 
 
 def allocated_clusters(img: Image, progress: Progress | None = None) -> int:
-    """Guest clusters of the active layer with data (normal, preallocated zero, compressed;
-    with extended L2: compressed, or any subcluster allocated).  Each distinct L2 table
-    is read once, only its non-zero entries decoded (qcow2/scan.py)."""
+    """Guest clusters of the active layer that own a host cluster (data, preallocated
+    zeros, compressed; with extended L2 whatever its subcluster bitmap says): what
+    qemu-img check counts as allocated.  Each distinct L2 table is read once, only its
+    non-zero entries decoded (qcow2/scan.py)."""
     import numpy as np  # only this key needs the tables; the rest of info does not
 
-    from .qcow2.scan import (
-        KIND_COMPRESSED, KIND_NORMAL, KIND_ZERO_ALLOC, OFFSET_MASK, OFLAG_COMPRESSED, TableReader,
-        l2_entries, standard_kinds, u64)
+    from .qcow2.scan import OFFSET_MASK, OFLAG_COMPRESSED, TableReader, l2_entries, u64
 
     l1 = np.array(img.l1, dtype=np.uint64)
     offsets = l1[(l1 & u64(OFFSET_MASK)) != 0] & u64(OFFSET_MASK)
     tables, times = np.unique(offsets, return_counts=True)
-    ext = img.header.extended_l2
     n = 0
     for at, batch in TableReader(img.f, img.cluster_size).batches(tables.tolist(), progress):
-        t = l2_entries(batch, ext)
-        if ext:
-            used = ((t.entry & u64(OFLAG_COMPRESSED)) != 0) | ((t.bitmap & u64(0xFFFFFFFF)) != 0)
-        else:
-            used = np.isin(standard_kinds(t.entry, img.version),
-                           (KIND_NORMAL, KIND_ZERO_ALLOC, KIND_COMPRESSED))
+        t = l2_entries(batch, img.header.extended_l2)
+        used = (t.entry & u64(OFFSET_MASK | OFLAG_COMPRESSED)) != 0
         n += int(times[at + t.row[used]].sum())
     return n
 

@@ -121,7 +121,7 @@ def _bitmap_view(img: Path) -> dict:
     return {b["name"]: b["flags"] for b in info.get("format-specific", {}).get("data", {}).get("bitmaps", [])}
 
 
-LOOKING = [["info"], ["info", "--output=json"], ["map"], ["map", "--output=json"], ["check"],
+LOOKING = [["info"], ["info", "--output=json"], ["info", "--allocated"], ["map"], ["map", "--output=json"], ["check"],
            ["check", "--output=json"]]
 
 

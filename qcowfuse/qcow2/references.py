@@ -300,9 +300,13 @@ class References:
             t = t.take(plain)
         else:
             rest = rest_normal = None
-        normal = (t.entry & u64(OFFSET_MASK)) != 0
-        rows, cols, entries = t.row[normal], t.col[normal], t.entry[normal]
-        clusters = ((entries & u64(OFFSET_MASK)) >> u64(cb)).astype(np.int64)
+        offs = t.entry & u64(OFFSET_MASK)
+        normal = offs != 0
+        if normal.all():  # fully allocated tables: no gather
+            rows, cols, entries = t.row, t.col, t.entry
+        else:
+            rows, cols, entries, offs = t.row[normal], t.col[normal], t.entry[normal], offs[normal]
+        clusters = offs.view(np.int64) >> cb  # offsets are below 2^56: the sign bit is clear
         self.add_clusters(clusters, int(w_all[0]) if uniform else w_all[rows])
         if rest_normal is not None and rest_normal.any():  # merge back into table order
             rows = np.concatenate([rows, rest.row[rest_normal]])
@@ -310,22 +314,25 @@ class References:
             entries = np.concatenate([entries, rest.entry[rest_normal]])
             order = np.lexsort((cols, rows))
             rows, entries = rows[order], entries[order]
-        self._active_layer(rows, entries, w_active)
+            offs = entries & u64(OFFSET_MASK)
+            clusters = offs.view(np.int64) >> cb
+        self._active_layer(rows, entries, offs, clusters, w_active)
 
-    def _active_layer(self, rows: np.ndarray, entries: np.ndarray, w_active: np.ndarray) -> None:
+    def _active_layer(self, rows: np.ndarray, entries: np.ndarray, offs: np.ndarray,
+                      clusters: np.ndarray, w_active: np.ndarray) -> None:
         """Allocation and fragmentation counts, and COPIED notes, for the data clusters
-        of active tables (rows: table of each entry, in table order)."""
+        of active tables (rows: table of each entry, in table order; offs, clusters: its
+        host offset and cluster index)."""
         if not w_active.any() or not len(rows):
             return
-        cs, cb = self.cs, self.cb
-        offs = entries & u64(OFFSET_MASK)
+        cs = self.cs
         if w_active.min() == w_active.max():  # the usual case: no sharing within the batch
             w = int(w_active[0])
             self.stats.allocated += w * len(rows)
             if len(offs) > 1:
                 jump = (rows[1:] == rows[:-1]) & (offs[1:] != offs[:-1] + u64(cs))
                 self.stats.fragmented += w * int(np.count_nonzero(jump))
-            cl = (offs >> u64(cb)).astype(np.int64)
+            cl = clusters
             copied = (entries >> u64(63)).astype(bool)
         else:
             active = w_active[rows]
@@ -334,7 +341,7 @@ class References:
                 jump = (rows[1:] == rows[:-1]) & (offs[1:] != offs[:-1] + u64(cs))
                 self.stats.fragmented += int(active[1:][jump].sum())
             act = active > 0
-            cl = (offs[act] >> u64(cb)).astype(np.int64)
+            cl = clusters[act]
             copied = (entries[act] >> u64(63)).astype(bool)
         inside = cl < len(self.flags)
         if not inside.all():

@@ -117,11 +117,13 @@ def l2_entries(batch: np.ndarray, extended: bool) -> L2Entries:
         native = pairs.view(U64)
         at = np.flatnonzero((native[:, 0] != 0) | (native[:, 1] != 0))
         row, col = at >> shift, at & (per_row - 1)
+        if len(at) == len(pairs):  # fully allocated tables: a strided copy, no gather
+            return L2Entries(row, col, pairs[:, 0].astype(U64), pairs[:, 1].astype(U64))
         return L2Entries(row, col, pairs[at, 0].astype(U64), pairs[at, 1].astype(U64))
     flat = batch.reshape(-1)
     at = np.flatnonzero(flat.view(U64) != 0)
     row, col = at >> shift, at & (per_row - 1)
-    entry = flat[at].astype(U64)
+    entry = (flat if len(at) == len(flat) else flat[at]).astype(U64)
     return L2Entries(row, col, entry, np.zeros(len(entry), U64))
 
 
