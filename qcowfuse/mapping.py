@@ -36,6 +36,7 @@ ZERO_ALLOC = 4      # zero, with a host cluster (offset reported)
 UNALLOC_ALLOC = 5   # extended L2: host cluster, subcluster not allocated (offset kept
                     # only where nothing lies below)
 HAS_HOST = (DATA, ZERO_ALLOC, UNALLOC_ALLOC)
+_HAS_HOST = np.isin(np.arange(256), HAS_HOST)  # kind -> has a host offset, as a lookup
 
 
 @dataclass
@@ -89,22 +90,25 @@ def _units(img: Image, l1_index: np.ndarray, t, ext: bool) -> tuple[np.ndarray, 
                     np.where(bm == u64(0), np.where(has_host, UNALLOC_ALLOC, GAP),
                              np.where(has_host, ZERO_ALLOC, ZERO))).astype(np.uint8)
     kind[compressed] = COMPRESSED
+    split = ~whole
+    if not split.any():  # whole clusters only: already in guest order
+        keep = kind != GAP
+        return (guest[keep] << cb), np.full(int(keep.sum()), cs, np.int64), kind[keep], host[keep]
     starts, lengths, kinds, hosts = [guest[whole] << cb], [np.full(int(whole.sum()), cs, np.int64)], \
         [kind[whole]], [host[whole]]
-    split = ~whole
-    if split.any():
-        sc_bits = cb - 5
-        sub = np.arange(SUBCLUSTERS, dtype=np.uint64)
-        alloc = ((bm[split, None] >> sub) & u64(1)) != 0
-        zero = ((bm[split, None] >> (sub + u64(32))) & u64(1)) != 0
-        hh = has_host[split, None]
-        k = np.where(alloc, DATA, np.where(zero, np.where(hh, ZERO_ALLOC, ZERO),
-                                           np.where(hh, UNALLOC_ALLOC, GAP))).astype(np.uint8)
-        within = sub.astype(np.int64) << sc_bits
-        starts.append(((guest[split, None] << cb) + within).reshape(-1))
-        lengths.append(np.full(k.size, 1 << sc_bits, np.int64))
-        kinds.append(k.reshape(-1))
-        hosts.append((host[split, None] + within).reshape(-1))
+    # clusters with mixed subclusters: one unit per subcluster
+    sc_bits = cb - 5
+    sub = np.arange(SUBCLUSTERS, dtype=np.uint64)
+    alloc = ((bm[split, None] >> sub) & u64(1)) != 0
+    zero = ((bm[split, None] >> (sub + u64(32))) & u64(1)) != 0
+    hh = has_host[split, None]
+    k = np.where(alloc, DATA, np.where(zero, np.where(hh, ZERO_ALLOC, ZERO),
+                                       np.where(hh, UNALLOC_ALLOC, GAP))).astype(np.uint8)
+    within = sub.astype(np.int64) << sc_bits
+    starts.append(((guest[split, None] << cb) + within).reshape(-1))
+    lengths.append(np.full(k.size, 1 << sc_bits, np.int64))
+    kinds.append(k.reshape(-1))
+    hosts.append((host[split, None] + within).reshape(-1))
     st, ln, kd, hs = (np.concatenate(x) for x in (starts, lengths, kinds, hosts))
     order = np.argsort(st, kind="stable")
     keep = kd[order] != GAP
@@ -118,7 +122,7 @@ def _runs(starts, lengths, kinds, hosts) -> list[tuple[int, int, int, int]]:
         return []
     same = np.zeros(len(starts), bool)
     same[1:] = ((kinds[1:] == kinds[:-1]) & (starts[1:] == starts[:-1] + lengths[:-1]))
-    with_host = np.isin(kinds, HAS_HOST)
+    with_host = _HAS_HOST[kinds]
     same[1:] &= ~with_host[1:] | (hosts[1:] == hosts[:-1] + lengths[:-1])
     heads = np.flatnonzero(~same)
     ends = np.append(heads[1:], len(starts))
