@@ -36,7 +36,8 @@ ZERO_ALLOC = 4      # zero, with a host cluster (offset reported)
 UNALLOC_ALLOC = 5   # extended L2: host cluster, subcluster not allocated (offset kept
                     # only where nothing lies below)
 HAS_HOST = (DATA, ZERO_ALLOC, UNALLOC_ALLOC)
-_HAS_HOST = np.isin(np.arange(256), HAS_HOST)  # kind -> has a host offset, as a lookup
+_HAS_HOST = np.zeros(256, bool)  # kind -> has a host offset, as a lookup table
+_HAS_HOST[list(HAS_HOST)] = True
 
 
 @dataclass
