@@ -10,6 +10,7 @@ added reads as zeros until written.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -249,3 +250,48 @@ def test_sigkill_while_growing_through_mount(tmp_path, mount):
           f"{truncates} truncates, "
           f"{verified} fsynced blocks verified")
     assert verified
+
+
+class _SyncFailsAfterL1Switch(RecordingFile):
+    """EIO from the first sync after the header's L1 fields (l1_size at 36) are written:
+    the switch may or may not be on disk, and stays in the page cache either way."""
+
+    def __init__(self, inner: HostFile) -> None:
+        super().__init__(inner)
+        self.armed, self.failed = True, False
+
+    def pwrite(self, offset: int, data) -> None:
+        super().pwrite(offset, data)
+        if offset == 36 and self.armed:
+            self.armed, self.failed = False, True
+
+    def sync(self) -> None:
+        if self.failed and not getattr(self, "_raised", False):
+            self._raised = True
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        super().sync()
+
+
+def test_eio_on_the_sync_after_the_l1_switch_loses_no_later_write(tmp_path):
+    """The L1 table moves (512 B clusters: one L1 cluster maps 2 MiB) and the sync after
+    the header switch fails.  The file names the new table from then on, so writes after
+    it must land in the new table: judged by qemu-io read -P and qemu-img check."""
+    path = qemu.create(tmp_path / "g.qcow2", 1 * MiB, 512, 16)
+    f = _SyncFailsAfterL1Switch(HostFile.open(str(path), True))
+    img = Image.open_file(f, writable=True)
+    try:
+        img.write(0, b"\x11" * 4096)
+        img.flush()
+        with pytest.raises(OSError):
+            img.resize(8 * MiB)
+        assert f.failed, "the resize did not move the L1 table"
+        img.write(512 * KiB, b"\x22" * 4096)  # a new L2 table: an L1 update
+        img.resize(8 * MiB)  # again: the table is big enough now
+        img.write(6 * MiB, b"\x33" * 4096)
+        img.flush()
+    finally:
+        img.close()
+    r = qemu.run("qemu-img", "check", "--output=json", str(path), check=False)
+    assert r.returncode == 0, r.stdout + r.stderr
+    qemu.qemu_io(path, "read -P 0x11 0 4k", "read -P 0x22 512k 4k", "read -P 0x33 6M 4k",
+                 "read -P 0 1M 1M")

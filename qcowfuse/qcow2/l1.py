@@ -6,10 +6,13 @@ adjacent, so one 12-byte write switches both.  Growing is crash safe in this
 order:
 
     count the new clusters -> refcounts on disk -> write the new table -> sync
-    -> header switch (one write) -> sync -> old table released by the caller
+    -> header switch (one write) -> [caller] sync (its flush) -> old table released
 
 A crash before the switch leaves the old table in charge (the new clusters are
-only leaked); after it, the new table is complete on disk.
+only leaked); after it, the new table is complete on disk.  Memory follows the
+header as soon as the switch is written: should the sync after it fail (EIO), the
+file (its page cache at least) already names the new table, so later L1 updates
+must go there, not to the old table a later sync would orphan.
 """
 
 from __future__ import annotations
@@ -41,9 +44,10 @@ def grow_l1_table(f: HostFile, header: Header, rc: RefcountStore, l1: array.arra
     the header to it.  The caller must have flushed every dirty table first (the
     copy is taken from memory and must not point at L2 tables not yet on disk).
 
-    Returns the new table and the old table's clusters, which the caller frees
-    (deferred, as any dropped reference).  check_fresh(first, count) refuses
-    clusters that are in use as metadata."""
+    Returns the new table, which the caller installs at once, and the old table's
+    clusters, which it frees deferred (as any dropped reference) and then flushes:
+    that flush syncs the switch before the old clusters are released.
+    check_fresh(first, count) refuses clusters that are in use as metadata."""
     if new_l1_size * L1E_SIZE > MAX_L1_BYTES:
         raise FormatError("Failed to grow the L1 table: File too large")
     assert new_l1_size > len(l1) == header.l1_size
@@ -63,9 +67,8 @@ def grow_l1_table(f: HostFile, header: Header, rc: RefcountStore, l1: array.arra
         for c in range(first, first + nclusters):
             rc.add(c, -1)  # nothing refers to them: give them back
         raise
-    f.pwrite(OFF_L1_SIZE, struct.pack(">IQ", new_l1_size, offset))
-    f.sync()
     old_first = header.l1_table_offset >> cb
     old = list(range(old_first, old_first + -(-header.l1_size * L1E_SIZE // cs))) if header.l1_size else []
-    header.l1_size, header.l1_table_offset = new_l1_size, offset
+    f.pwrite(OFF_L1_SIZE, struct.pack(">IQ", new_l1_size, offset))
+    header.l1_size, header.l1_table_offset = new_l1_size, offset  # the file names it now
     return new, old

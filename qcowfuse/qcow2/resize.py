@@ -189,7 +189,7 @@ def _grow(img: ImageState, new_size: int) -> None:
         img._l1_generation += 1
         for c in old_l1:
             img.alloc.free_later(c)
-        img.flush()  # the switch is on disk: the old table's clusters are free now
+        img.flush()  # syncs the switch, then releases the old table's clusters
     _zero_new_range(img, img.size, new_size)
 
 
