@@ -31,6 +31,25 @@ def fuse_mounts() -> set[str]:
         return {line.split()[1] for line in fh if line.split()[2].startswith("fuse")}
 
 
+def _fuse_mount_sources() -> dict[str, str]:
+    """mount point -> source (qcowfuse's fsname is the image path)."""
+    with open("/proc/self/mounts") as fh:
+        return {f[1]: f[0] for f in (line.split() for line in fh) if f[2].startswith("fuse")}
+
+
+# Directories outside pytest's temporary tree that tests mount in (scratch_dir).
+SCRATCH_DIRS: list[str] = []
+
+
+def scratch_dir(prefix: str, dir: str | None = None) -> Path:
+    """A new directory outside tmp_path (short socket paths, a place another user can
+    reach); mounts in it count as this session's in the end-of-session check."""
+    import tempfile
+    path = tempfile.mkdtemp(prefix=prefix, dir=dir)
+    SCRATCH_DIRS.append(path + "/")
+    return Path(path)
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as fh:
@@ -82,15 +101,17 @@ def mount():
 
 @pytest.fixture(autouse=True, scope="session")
 def _no_leftover_mounts(tmp_path_factory):
-    """Every mount this session made must be gone at its end.  Mounts inside another
-    pytest run's temporary tree (a second suite running beside this one) are theirs."""
+    """Every mount this session made must be gone at its end.  Ours: the mount point or
+    the image (the mount's source) lies in this session's temporary tree or a
+    scratch_dir; anything else (a second suite beside this one, a benchmark) is not."""
     before = fuse_mounts()
-    ours = str(tmp_path_factory.getbasetemp())
+    ours = str(tmp_path_factory.getbasetemp()) + "/"
     yield
 
-    def mine(mp: str) -> bool:
-        return mp.startswith(ours) or "/pytest-of-" not in mp and "/pytest-" not in mp
-    left = {mp for mp in fuse_mounts() - before if mine(mp)}
+    def mine(mp: str, source: str) -> bool:
+        return any(p.startswith(d) for p in (mp, source) for d in (ours, *SCRATCH_DIRS))
+    sources = _fuse_mount_sources()
+    left = {mp for mp in fuse_mounts() - before if mine(mp, sources.get(mp, ""))}
     for mp in left:
         subprocess.run(["fusermount3", "-uz", mp], capture_output=True)
     assert not left, f"tests left FUSE mounts behind: {left}"

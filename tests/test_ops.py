@@ -29,6 +29,7 @@ import pytest
 
 import qemu
 from cli_helpers import assert_one_line_error
+from conftest import scratch_dir
 
 BIN_DIR = Path(sys.executable).parent
 QCOWFUSE_BIN = BIN_DIR / "qcowfuse"
@@ -718,7 +719,7 @@ def nobody(qcowfuse_bin) -> Iterator[Nobody]:
                            capture_output=True, text=True, timeout=60, cwd="/")
     if probe.returncode:
         pytest.skip(f"the venv is not usable by uid {NOBODY}: {probe.stderr.strip()[-300:]}")
-    root = Path(tempfile.mkdtemp(prefix="qcowfuse-nobody-", dir="/var/tmp"))
+    root = scratch_dir("qcowfuse-nobody-", dir="/var/tmp")
     os.chmod(root, 0o755)
     os.chown(root, NOBODY, NOBODY)
     try:
