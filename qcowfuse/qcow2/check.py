@@ -220,7 +220,8 @@ class Checker:
                     full = block.copy()
                     full[leaks] = used[leaks]
                     self.f.pwrite(rc.table[b], encode_refblock(full, order))
-                    rc.blocks.pop(b, None)
+                    rc.blocks.pop(b, None)  # the file has it now: reloaded when needed
+                    rc.dirty_blocks.discard(b)
                     freed = [lo + i for i in leaks if used[i] == 0]
                     if freed:
                         rc.free_hint = min(rc.free_hint, freed[0])
@@ -372,6 +373,10 @@ class Checker:
         if repair is not None and repair not in REPAIR_MODES:
             raise ValueError(f"repair mode must be one of {REPAIR_MODES}")
         img = self.img
+        # The walk reads the tables from the file: an image open read-write (the library,
+        # the dirty rebuild) first puts there what memory holds, or clusters counted in
+        # memory but not yet mapped on disk would look leaked, and be freed.
+        img.flush()
         report = CheckReport(img.f.path, total_clusters=-(-img.size // self.cs))
         if repair is not None and self.unaccounted:
             raise UnsupportedError(

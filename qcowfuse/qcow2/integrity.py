@@ -33,7 +33,7 @@ class Integrity:
             raise CorruptError("image was not closed cleanly and its refcounts could not be "
                                "repaired: run 'qcowfuse check --repair all'")
         _log().warning("image was not closed cleanly (lazy refcounts): refcounts repaired "
-                    "(%d corruptions, %d leaks fixed)", report.corruptions_fixed, report.leaks_fixed)
+                       "(%d corruptions, %d leaks fixed)", report.corruptions_fixed, report.leaks_fixed)
 
     def metadata_clusters(self) -> list[tuple[str, int]]:
         """(what, host cluster index) of every metadata cluster reachable without reading L2s."""
