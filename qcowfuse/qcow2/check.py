@@ -376,7 +376,7 @@ class Checker:
         # The walk reads the tables from the file: an image open read-write (the library,
         # the dirty rebuild) first puts there what memory holds, or clusters counted in
         # memory but not yet mapped on disk would look leaked, and be freed.
-        img.flush()
+        img.flush()  # before the walk
         report = CheckReport(img.f.path, total_clusters=-(-img.size // self.cs))
         if repair is not None and self.unaccounted:
             raise UnsupportedError(
