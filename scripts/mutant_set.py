@@ -384,6 +384,11 @@ MUTANTS = [
            "f.sync()\n    header.l1_size, header.l1_table_offset = new_l1_size, offset",
            ["tests/test_crash_resize.py::test_eio_on_the_sync_after_the_l1_switch_loses_no_later_write"],
            "after the L1 header switch is written, later L1 updates go to the new table"),
+    Mutant("l1-old-freed-before-switch-synced", "qcowfuse/qcow2/resize.py",
+           "        img.flush()\n        for c in old_l1:",
+           "        for c in old_l1:",
+           ["tests/test_crash_resize.py::test_eio_on_the_sync_after_the_l1_switch_loses_no_later_write"],
+           "the old L1 table is freed only after the switch is known to be on disk"),
     # -- persistent bitmaps, LUKS header, untrusted backing files
     Mutant("bitmaps-not-counted", CHK,
            "self.extra_ranges += [(r.offset, r.length) for r in img.bitmaps.references(self._structure_errors)]",

@@ -187,9 +187,13 @@ def _grow(img: ImageState, new_size: int) -> None:
     if need > len(img.l1):
         img.l1, old_l1 = grow_l1_table(img.f, img.header, img.rc, img.l1, need, img._check_fresh)
         img._l1_generation += 1
+        # Sync the switch before the old table is even queued for freeing: if that sync
+        # fails, the header on disk may still name the old table, so its clusters stay
+        # counted (a leak) rather than being reused while something may point at them.
+        img.flush()
         for c in old_l1:
             img.alloc.free_later(c)
-        img.flush()  # syncs the switch, then releases the old table's clusters
+        img.flush()
     _zero_new_range(img, img.size, new_size)
 
 
