@@ -208,8 +208,9 @@ def byte_compile(qcowfuse: str) -> str:
     with open(qcowfuse, "rb") as fh:
         first = fh.readline().decode(errors="replace")
     python = first[2:].strip() if first.startswith("#!") else sys.executable
-    r = run(python, "-c", "import compileall, os, qcowfuse; d = os.path.dirname(qcowfuse.__file__); "
-                          "compileall.compile_dir(d, quiet=1); print(d)")
+    r = run(*python.split(), "-c", "import compileall, os, qcowfuse; "
+            "d = os.path.dirname(qcowfuse.__file__); compileall.compile_dir(d, quiet=1); print(d)",
+            cwd="/")  # not the caller's directory: the package that command imports
     return r.stdout.strip()
 
 

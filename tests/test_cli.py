@@ -165,3 +165,28 @@ def test_cache_size_options(tmp_path, image, mount):
         raw.write_bytes(b"\x17" * (16 << 20))
     qemu.assert_clean(image)
     assert_refused(["-o", "l2-cache-size=lots", str(image), str(tmp_path / "mp")], "not a size", image)
+
+
+@pytest.mark.parametrize("cmd", [["info", "--output=json"], ["map", "--output=json"], ["check"]])
+def test_output_that_cannot_be_written(tmp_path, cmd):
+    """stdout on a full disk (/dev/full) or a pipe its reader closed: one line, or
+    nothing for the closed pipe, a non-zero exit, never a traceback."""
+    import subprocess
+
+    from cli_helpers import assert_one_line_error
+    from conftest import QCOWFUSE
+
+    img = qemu.create(tmp_path / "o.qcow2", 64 << 20, 512)
+    qemu.qemu_io(img, *[f"write -P 1 {i}k 512" for i in range(0, 2000, 2)])  # a 200 KiB map
+    with open("/dev/full", "w") as full:
+        r = subprocess.run(QCOWFUSE + cmd + [str(img)], stdout=full, stderr=subprocess.PIPE,
+                           text=True, env={"PATH": "/usr/bin:/bin"})
+    assert_one_line_error(r.returncode, r.stderr, "No space left on device")
+    p = subprocess.Popen(QCOWFUSE + cmd + [str(img)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p.stdout.read(1)
+    p.stdout.close()
+    err = p.stderr.read().decode()
+    code = p.wait()
+    assert "Traceback" not in err and "Exception ignored" not in err, err
+    if cmd[0] == "map":  # more than a pipe holds: the write failed
+        assert code != 0 and err == ""
