@@ -69,9 +69,9 @@ def strtosz(text: str) -> int:
     shift = _SIZE_SHIFTS[suffix.lower()]
     if hexdigits is not None:
         value = int(hexdigits, 16) << shift
-    elif frac is not None and shift == 0:
-        raise ValueError(text)
-    elif not frac:
+    elif frac is not None and shift == 0 and frac.strip("0"):
+        raise ValueError(text)  # bytes come whole ("512." and "512.0" are 512)
+    elif not frac or not frac.strip("0"):
         value = int(whole) << shift
     else:
         from fractions import Fraction  # only for sizes with a fraction: keeps startup quick

@@ -348,7 +348,9 @@ def test_cli_resize_speaks_qemu_img(tmp_path):
     path = qemu.create(tmp_path / "t.qcow2", 1 * MiB, 512)
     qemu.qemu_io(path, "write -P 0x91 0 512k")
     for args, size in [(["1.5M"], 1536 * KiB), (["+1k"], 1537 * KiB), (["--shrink", "-1k"], 1536 * KiB),
-                       (["--shrink", "--", "-512k"], 1 * MiB), (["0x800000"], 8 * MiB), (["-q", "+8M"], 16 * MiB)]:
+                       (["--shrink", "--", "-512k"], 1 * MiB), (["0x800000"], 8 * MiB), (["-q", "+8M"], 16 * MiB),
+                       (["--shrink", "1048576."], 1 * MiB), (["+512.0"], 1 * MiB + 512), (["+512.00b"], 1 * MiB + 1024),
+                       (["--shrink", "512.k"], 512 * KiB), (["16M"], 16 * MiB)]:
         r = run_cli("resize", *args[:-1], str(path), args[-1])
         assert r.returncode == 0 and r.stdout == ("" if "-q" in args else "Image resized.\n"), r
         assert info(path)["virtual-size"] == size
