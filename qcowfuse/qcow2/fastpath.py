@@ -1,6 +1,7 @@
-"""The common small request, without the general machinery: a read or an in-place write
-that stays inside one guest cluster whose L2 table is in the cache and whose L2 entry is
-plain data (an overwrite of a cluster this image owns, COPIED).
+"""The common request, without the general machinery: a read or an in-place write of
+guest clusters that one cached L2 table maps to one run of host clusters, each entry
+plain data (for a write: clusters this image owns, COPIED).  A request inside one
+cluster, or a sequential one over data written sequentially, is one such run.
 
 Everything else, and anything unusual about these (an unaligned host offset, a table
 not cached, a write that allocates), returns "not handled" and takes the general path
@@ -34,24 +35,39 @@ class FastPath:
         self.writes = self.reads and img.detect_zeroes == "off"
 
     def _host(self, offset: int, length: int, for_write: bool) -> int:
-        """Host offset of guest [offset, offset+length), or -1 when not a fast case."""
+        """Host offset of guest [offset, offset+length), or -1 when not a fast case: the
+        range lies in one L2 table whose entries for it are plain data, each the one
+        before plus a cluster with the same flags (one host extent, as a sequential
+        writer leaves them), so one pread or pwrite serves it."""
         img = self.img
         in_cl = offset & self.in_cluster
-        if offset < 0 or length <= 0 or in_cl + length > self.in_cluster + 1 or offset + length > img.size:
+        if offset < 0 or length <= 0 or offset + length > img.size:
             return -1
         g = offset >> self.cluster_bits
+        i = g & self.l2_index
+        more = (in_cl + length - 1) >> self.cluster_bits  # clusters after the first
+        if i + more > self.l2_index:
+            return -1  # runs into the next L2 table
         l1e = img.l1[g >> self.l2_bits]
         if for_write and not l1e & QCOW_OFLAG_COPIED:
             return -1  # the L2 table is shared: copy it first (general path)
         table = img.l2.peek(l1e & L1E_OFFSET_MASK)
         if table is None:
             return -1
-        entry = table[g & self.l2_index]
+        entry = table[i]
         host = entry & L2E_OFFSET_MASK
         if not host or entry & self.special or host & self.in_cluster:
             return -1
         if for_write and not entry & QCOW_OFLAG_COPIED:
             return -1  # maybe shared with a snapshot: the general path decides
+        if more:
+            step = self.in_cluster + 1
+            if host + more * step > L2E_OFFSET_MASK:
+                return -1  # the sum would carry into the flag bits
+            for j in range(i + 1, i + more + 1):
+                entry += step
+                if table[j] != entry:
+                    return -1
         return host + in_cl
 
     def read(self, offset: int, length: int) -> bytes | None:
@@ -69,6 +85,7 @@ class FastPath:
         host = self._host(offset, len(view), True)
         if host < 0:
             return False
-        self.img._check_data_target(host >> self.cluster_bits, 1)
+        clusters = ((host & self.in_cluster) + len(view) + self.in_cluster) >> self.cluster_bits
+        self.img._check_data_target(host >> self.cluster_bits, clusters)
         self.img.f.pwrite(host, view)
         return True
