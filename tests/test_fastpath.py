@@ -67,6 +67,24 @@ def test_run_into_past_eof_is_refused(tmp_path):
     assert after[:72] + after[80:] == before[:72] + before[80:], "only the corrupt bit may change"
 
 
+def test_quick_allocation_never_lands_on_metadata(tmp_path):
+    """The next free cluster the fast path takes is overlap-checked too: an L2 table
+    whose refcount dropped to 0 while the image is open is refused, not written over."""
+    img = qemu.create(tmp_path / "m.qcow2", 16 * MiB)
+    qemu.qemu_io(img, "write -P 0x11 0 2M")
+    with Image.open(str(img), writable=True) as im:
+        im.write(36 * CS, b"\x12" * 4096)  # allocates: the free hint is past the used space
+        im.flush()
+        l2 = im.l1[0] & 0x00FFFFFFFFFFFE00
+        im.rc.add(l2 >> 16, -1)  # the L2 table now looks free, right at the hint
+        assert im.rc.free_hint == l2 >> 16
+        before = img.read_bytes()[l2:l2 + CS]
+        with pytest.raises(CorruptError):
+            im.write(40 * CS, b"\x13" * 4096)
+    assert img.read_bytes()[l2:l2 + CS] == before
+    assert struct.unpack_from(">Q", img.read_bytes(), 72)[0] & 2, "the corrupt bit must be set"
+
+
 @pytest.mark.parametrize("cluster_size", [CS, 4096])
 def test_small_requests_agree_with_qemu(tmp_path, cluster_size):
     """Random 512 B..64 KiB reads and writes, most inside one allocated cluster, some

@@ -57,6 +57,11 @@ class Allocator:
             rc.free_hint = start + count
             return start, count
 
+    def alloc_quick(self) -> int:
+        """One cluster when the next one is plainly free (see RefcountStore.take_free_hint),
+        the same one alloc() would give; -1 otherwise (then use alloc_run)."""
+        return self.rc.take_free_hint()
+
     def alloc_contiguous(self, count: int) -> int:
         """Exactly `count` contiguous clusters (for tables that must not be split);
         returns the first index."""
