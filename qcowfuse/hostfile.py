@@ -61,7 +61,8 @@ class HostFile:
 
     def pread(self, offset: int, length: int) -> bytes:
         """Read exactly `length` bytes; a short read means metadata points past EOF."""
-        _check_range(offset, length)
+        if offset < 0 or offset + length > MAX_FILE_OFFSET:  # _check_range, inline: per request
+            _check_range(offset, length)
         data = os.pread(self.fd, length, offset)
         if len(data) != length or (self._size > self._end and offset + length > self._end):
             raise CorruptError(f"read of {length} bytes at {offset:#x} runs past the end of the image file")
@@ -81,13 +82,20 @@ class HostFile:
             raise CorruptError(f"read of {len(buf)} bytes at {offset:#x} runs past the end of the image file")
 
     def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
-        view = memoryview(data)
-        _check_range(offset, len(view))
+        """Write all of `data` (bytes, or a byte-format buffer)."""
+        length = len(data)
+        end = offset + length
+        if offset < 0 or end > MAX_FILE_OFFSET:  # _check_range, inline: per request
+            _check_range(offset, length)
         self.unsynced = True
-        end = offset + len(view)
         if end > self._end >= 0:
             self._end = end
             self._size = max(self._size, end)
+        n = os.pwrite(self.fd, data, offset)
+        if n == length:
+            return
+        view = memoryview(data)[n:]
+        offset += n
         while view:
             n = os.pwrite(self.fd, view, offset)
             view = view[n:]

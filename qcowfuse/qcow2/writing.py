@@ -119,12 +119,13 @@ class WritePath:
 
     def _write_locked(self, offset: int, view: memoryview) -> None:
         length = len(view)
-        cb, cs = self.cluster_bits, self.cluster_size
-        self._prepare_for_write()
+        if not self._prepared:
+            self._prepare_for_write()
         if self.bitmaps is not None:  # the one place a guest range is committed
             self.bitmaps.mark(offset, length)
         if self._fast.write(offset, view):
             return
+        cb, cs = self.cluster_bits, self.cluster_size
         if self.header.extended_l2:
             self._write_subclusters(offset, view)
             return
