@@ -65,14 +65,16 @@ class FastPath:
         l1e = img.l1[g >> self.l2_bits]
         if for_write and not l1e & QCOW_OFLAG_COPIED:
             return UNHANDLED  # the L2 table is shared: copy it first (general path)
-        table = img.l2.peek(l1e & L1E_OFFSET_MASK)
+        l2_offset = l1e & L1E_OFFSET_MASK
+        cache = img.l2
+        table = cache.mru if l2_offset == cache.mru_offset else cache.peek(l2_offset)
         if table is None:
             return UNHANDLED
         entry = table[i]
         host = entry & L2E_OFFSET_MASK
         if not host or entry & self.special or host & self.in_cluster:
             if for_write and not more and entry in self.fresh:
-                self._table, self._index, self._l2_offset = table, i, l1e & L1E_OFFSET_MASK
+                self._table, self._index, self._l2_offset = table, i, l2_offset
                 return FRESH
             return UNHANDLED
         if for_write and not entry & QCOW_OFLAG_COPIED:

@@ -180,7 +180,8 @@ class WritePath:
                 for k in range(count):
                     old = table[l2i + k]
                     table[l2i + k] = ((first + k) << cb) | QCOW_OFLAG_COPIED
-                    self._release(old)
+                    if old:  # 0: unallocated, nothing to release
+                        self._release(old)
                 self.l2.mark_dirty(self._l2_offset(l1i))
             pos += n
         if self.l2.over_budget:
