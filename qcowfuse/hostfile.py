@@ -18,6 +18,9 @@ _FALLOC_FL_PUNCH_HOLE = 0x02
 
 # Offsets a file can have (off_t); table entries from a hostile image may say more.
 MAX_FILE_OFFSET = (1 << 62) - 1
+# When new clusters make the file grow, it grows this much further as a hole (no space
+# used), so most new clusters need no ftruncate of their own; close() trims it off.
+PREALLOCATE_BYTES = 8 << 20
 
 
 def _check_range(offset: int, length: int) -> None:
@@ -30,7 +33,11 @@ class HostFile:
         self.fd = fd
         self.path = path
         self.unsynced = False  # a write happened since the last sync
-        self._end = -1  # file size as of our own last write (-1: not known yet)
+        # The end of what the image uses: the file size at open, grown by our own writes
+        # (-1: not known yet).  The file itself may be longer by a preallocated hole
+        # (_size), which reads treat as past the end.
+        self._end = -1
+        self._size = -1
 
     @classmethod
     def open(cls, path: str, writable: bool) -> "HostFile":
@@ -43,43 +50,62 @@ class HostFile:
     def end(self) -> int:
         """The file size without a syscall per call (we are its only writer)."""
         if self._end < 0:
-            self._end = self.size()
+            self._end = self._size = self.size()
         return self._end
+
+    def _past_end(self, offset: int, length: int) -> bool:
+        """A read reaching into the preallocated hole: past the end of the image."""
+        return self._size > self._end and offset + length > self._end
 
     def pread(self, offset: int, length: int) -> bytes:
         """Read exactly `length` bytes; a short read means metadata points past EOF."""
-        _check_range(offset, length)
+        if offset < 0 or offset + length > MAX_FILE_OFFSET:  # _check_range, inline: per request
+            _check_range(offset, length)
         data = os.pread(self.fd, length, offset)
-        if len(data) != length:
+        if len(data) != length or (self._size > self._end and offset + length > self._end):
             raise CorruptError(f"read of {length} bytes at {offset:#x} runs past the end of the image file")
         return data
 
     def pread_upto(self, offset: int, length: int) -> bytes:
         """Read up to `length` bytes; shorter only at the end of the file."""
         _check_range(offset, length)
+        if self._past_end(offset, length):
+            length = max(0, self._end - offset)
         return os.pread(self.fd, length, offset)
 
     def pread_into(self, offset: int, buf: memoryview) -> None:
         _check_range(offset, len(buf))
         n = os.preadv(self.fd, [buf], offset)
-        if n != len(buf):
+        if n != len(buf) or self._past_end(offset, n):
             raise CorruptError(f"read of {len(buf)} bytes at {offset:#x} runs past the end of the image file")
 
     def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
-        view = memoryview(data)
-        _check_range(offset, len(view))
+        """Write all of `data` (bytes, or a byte-format buffer)."""
+        length = len(data)
+        end = offset + length
+        if offset < 0 or end > MAX_FILE_OFFSET:  # _check_range, inline: per request
+            _check_range(offset, length)
         self.unsynced = True
-        if self._end >= 0:
-            self._end = max(self._end, offset + len(view))
+        if end > self._end >= 0:
+            self._end = end
+            self._size = max(self._size, end)
+        n = os.pwrite(self.fd, data, offset)
+        if n == length:
+            return
+        view = memoryview(data)[n:]
+        offset += n
         while view:
             n = os.pwrite(self.fd, view, offset)
             view = view[n:]
             offset += n
 
     def extend_to(self, size: int) -> None:
-        """Grow the file to `size` bytes (a hole) if it is shorter."""
+        """Make the image cover `size` bytes (a hole) if it is shorter; the file grows
+        PREALLOCATE_BYTES beyond, unless it is that long already."""
         if self.end() < size:
-            os.ftruncate(self.fd, size)
+            if self._size < size:
+                os.ftruncate(self.fd, size + PREALLOCATE_BYTES)
+                self._size = size + PREALLOCATE_BYTES
             self._end = size
 
     def punch_hole(self, offset: int, length: int) -> None:
@@ -101,6 +127,13 @@ class HostFile:
         self.unsynced = False
 
     def close(self) -> None:
+        """Close, trimming the preallocated hole (a crash leaves it: a longer file, which
+        QEMU reads as free space)."""
         if self.fd >= 0:
+            if self._size > self._end >= 0:
+                try:
+                    os.ftruncate(self.fd, self._end)
+                except OSError:
+                    pass  # only a longer file
             os.close(self.fd)
             self.fd = -1

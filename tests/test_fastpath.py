@@ -1,6 +1,7 @@
-"""The fast path for small requests (one cluster, cached L2 table, plain data) keeps
-every check of the general path: a cached table whose entry points into metadata or
-past the end of the file is still refused, and reads and writes agree with QEMU."""
+"""The fast path (one run of plain data clusters in one cached L2 table) keeps every
+check of the general path: a cached table whose entry points into metadata or past
+the end of the file is still refused, also for the second cluster of a run, and reads
+and writes agree with QEMU, across clusters and L2 tables too."""
 
 from __future__ import annotations
 
@@ -48,11 +49,49 @@ def test_cached_entry_into_metadata_is_refused(tmp_path, target):
     assert after[:72] + after[80:] == before[:72] + before[80:], "only the corrupt bit may change"
 
 
-def test_small_requests_agree_with_qemu(tmp_path):
+def test_run_into_past_eof_is_refused(tmp_path):
+    """Two L2 entries that look like one host run, the second cluster past the end of
+    the file: a write over both is refused for the second one."""
+    img = qemu.create(tmp_path / "r.qcow2", 16 * MiB)
+    qemu.qemu_io(img, "write -P 0x11 0 2M")
+    end = img.stat().st_size
+    set_l2_entry(img, 4, COPIED | (end - CS))
+    set_l2_entry(img, 5, COPIED | end)
+    before = img.read_bytes()
+    with Image.open(str(img), writable=True) as im:
+        assert im.read(0, 4096) == b"\x11" * 4096  # the L2 table is now cached
+        with pytest.raises(CorruptError):
+            im.write(5 * CS - 4096, b"\xff" * 8192)
+    after = img.read_bytes()
+    assert len(after) == end
+    assert after[:72] + after[80:] == before[:72] + before[80:], "only the corrupt bit may change"
+
+
+def test_quick_allocation_never_lands_on_metadata(tmp_path):
+    """The next free cluster the fast path takes is overlap-checked too: an L2 table
+    whose refcount dropped to 0 while the image is open is refused, not written over."""
+    img = qemu.create(tmp_path / "m.qcow2", 16 * MiB)
+    qemu.qemu_io(img, "write -P 0x11 0 2M")
+    with Image.open(str(img), writable=True) as im:
+        im.write(36 * CS, b"\x12" * 4096)  # allocates: the free hint is past the used space
+        im.flush()
+        l2 = im.l1[0] & 0x00FFFFFFFFFFFE00
+        im.rc.add(l2 >> 16, -1)  # the L2 table now looks free, right at the hint
+        assert im.rc.free_hint == l2 >> 16
+        before = img.read_bytes()[l2:l2 + CS]
+        with pytest.raises(CorruptError):
+            im.write(40 * CS, b"\x13" * 4096)
+    assert img.read_bytes()[l2:l2 + CS] == before
+    assert struct.unpack_from(">Q", img.read_bytes(), 72)[0] & 2, "the corrupt bit must be set"
+
+
+@pytest.mark.parametrize("cluster_size", [CS, 4096])
+def test_small_requests_agree_with_qemu(tmp_path, cluster_size):
     """Random 512 B..64 KiB reads and writes, most inside one allocated cluster, some
-    across clusters, into unallocated space and a snapshot-shared table."""
+    across clusters, into unallocated space and a snapshot-shared table; with 4 KiB
+    clusters most cross clusters, and some L2 tables (2 MiB of guest each)."""
     size = 8 * MiB
-    img = qemu.create(tmp_path / "f.qcow2", size)
+    img = qemu.create(tmp_path / "f.qcow2", size, cluster_size=cluster_size)
     qemu.qemu_io(img, f"write -P 0x21 0 {4 * MiB}")
     qemu.run("qemu-img", "snapshot", "-c", "s1", str(img))
     model = bytearray(b"\x21" * (4 * MiB) + bytes(size - 4 * MiB))

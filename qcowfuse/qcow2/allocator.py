@@ -43,19 +43,21 @@ class Allocator:
         epb = rc.entries_per_block
         while True:
             start = rc.next_free(rc.free_hint)
-            count = 1
-            while count < want and rc.get(start + count) == 0:
-                count += 1
+            count = rc.free_count(start, want)
             generation = rc.generation
             for b in range(start // epb, (start + count - 1) // epb + 1):
                 rc.ensure_block(b)
             if rc.generation != generation:
                 continue  # new refcount blocks may sit inside the candidate run
-            for c in range(start, start + count):
-                rc.add(c, 1)
+            rc.count_new(start, count)
             # start was the first free cluster at or after the hint: all below is used now
             rc.free_hint = start + count
             return start, count
+
+    def alloc_quick(self) -> int:
+        """One cluster when the next one is plainly free (see RefcountStore.take_free_hint),
+        the same one alloc() would give; -1 otherwise (then use alloc_run)."""
+        return self.rc.take_free_hint()
 
     def alloc_contiguous(self, count: int) -> int:
         """Exactly `count` contiguous clusters (for tables that must not be split);

@@ -1,6 +1,11 @@
-"""The common small request, without the general machinery: a read or an in-place write
-that stays inside one guest cluster whose L2 table is in the cache and whose L2 entry is
-plain data (an overwrite of a cluster this image owns, COPIED).
+"""The common request, without the general machinery: a read or an in-place write of
+guest clusters that one cached L2 table maps to one run of host clusters, each entry
+plain data (for a write: clusters this image owns, COPIED).  A request inside one
+cluster, or a sequential one over data written sequentially, is one such run.  And the
+first write into a cluster that reads as zeros without a host cluster (unallocated
+without a backing file, or a plain zero cluster), when the next free cluster is plainly
+free: the general path's allocation, done the same way in the same order (refcount in
+memory, overlap check, data, then the L2 entry in memory).
 
 Everything else, and anything unusual about these (an unaligned host offset, a table
 not cached, a write that allocates), returns "not handled" and takes the general path
@@ -12,6 +17,7 @@ general path.  Constants are derived once here, not per request.
 
 from __future__ import annotations
 
+import array
 from typing import TYPE_CHECKING
 
 from .tables import (
@@ -19,6 +25,9 @@ from .tables import (
 
 if TYPE_CHECKING:
     from .state import ImageState
+
+UNHANDLED = -1  # _host: take the general path
+FRESH = -2  # _host, for a write: one cluster in `fresh` (table and index kept)
 
 
 class FastPath:
@@ -32,26 +41,52 @@ class FastPath:
         self.special = QCOW_OFLAG_COMPRESSED | (QCOW_OFLAG_ZERO if img.version >= 3 else 0)
         self.reads = not img.header.extended_l2
         self.writes = self.reads and img.detect_zeroes == "off"
+        # L2 entries of clusters that read as zeros and hold no host cluster
+        self.fresh = frozenset(([0] if img.backing is None else [])
+                               + ([QCOW_OFLAG_ZERO] if img.version >= 3 else []))
+        self._table: array.array | None = None  # where _host found a FRESH entry
+        self._index = 0
+        self._l2_offset = 0
 
     def _host(self, offset: int, length: int, for_write: bool) -> int:
-        """Host offset of guest [offset, offset+length), or -1 when not a fast case."""
+        """Host offset of guest [offset, offset+length), or UNHANDLED when not a fast case: the
+        range lies in one L2 table whose entries for it are plain data, each the one
+        before plus a cluster with the same flags (one host extent, as a sequential
+        writer leaves them), so one pread or pwrite serves it."""
         img = self.img
         in_cl = offset & self.in_cluster
-        if offset < 0 or length <= 0 or in_cl + length > self.in_cluster + 1 or offset + length > img.size:
-            return -1
+        if offset < 0 or length <= 0 or offset + length > img.size:
+            return UNHANDLED
         g = offset >> self.cluster_bits
+        i = g & self.l2_index
+        more = (in_cl + length - 1) >> self.cluster_bits  # clusters after the first
+        if i + more > self.l2_index:
+            return UNHANDLED  # runs into the next L2 table
         l1e = img.l1[g >> self.l2_bits]
         if for_write and not l1e & QCOW_OFLAG_COPIED:
-            return -1  # the L2 table is shared: copy it first (general path)
-        table = img.l2.peek(l1e & L1E_OFFSET_MASK)
+            return UNHANDLED  # the L2 table is shared: copy it first (general path)
+        l2_offset = l1e & L1E_OFFSET_MASK
+        cache = img.l2
+        table = cache.mru if l2_offset == cache.mru_offset else cache.peek(l2_offset)
         if table is None:
-            return -1
-        entry = table[g & self.l2_index]
+            return UNHANDLED
+        entry = table[i]
         host = entry & L2E_OFFSET_MASK
         if not host or entry & self.special or host & self.in_cluster:
-            return -1
+            if for_write and not more and entry in self.fresh:
+                self._table, self._index, self._l2_offset = table, i, l2_offset
+                return FRESH
+            return UNHANDLED
         if for_write and not entry & QCOW_OFLAG_COPIED:
-            return -1  # maybe shared with a snapshot: the general path decides
+            return UNHANDLED  # maybe shared with a snapshot: the general path decides
+        if more:
+            step = self.in_cluster + 1
+            if host + more * step > L2E_OFFSET_MASK:
+                return UNHANDLED  # the sum would carry into the flag bits
+            for j in range(i + 1, i + more + 1):
+                entry += step
+                if table[j] != entry:
+                    return UNHANDLED
         return host + in_cl
 
     def read(self, offset: int, length: int) -> bytes | None:
@@ -68,7 +103,23 @@ class FastPath:
             return False
         host = self._host(offset, len(view), True)
         if host < 0:
-            return False
-        self.img._check_data_target(host >> self.cluster_bits, 1)
+            return host == FRESH and self._write_fresh(offset, view)
+        clusters = ((host & self.in_cluster) + len(view) + self.in_cluster) >> self.cluster_bits
+        self.img._check_data_target(host >> self.cluster_bits, clusters)
         self.img.f.pwrite(host, view)
+        return True
+
+    def _write_fresh(self, offset: int, view: memoryview) -> bool:
+        img = self.img
+        c = img.alloc.alloc_quick()
+        if c < 0:
+            return False
+        img._check_fresh(c, 1)
+        host = c << self.cluster_bits
+        img._write_new_in_zeros(host, self.in_cluster + 1, offset & self.in_cluster, view)
+        assert self._table is not None
+        self._table[self._index] = host | QCOW_OFLAG_COPIED  # nothing to release: no host cluster
+        img.l2.mark_dirty(self._l2_offset)
+        if img.l2.over_budget:
+            img.flush()
         return True

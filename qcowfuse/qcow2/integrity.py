@@ -68,9 +68,9 @@ class Integrity:
     def _check_data_target(self, first: int, count: int) -> None:
         """Refuse guest data headed for metadata or for a cluster past the end of the file."""
         meta = self._metadata_set()
-        for c in range(first, first + count):
-            if c in meta:
-                raise CorruptError(f"data cluster {c} overlaps metadata; refusing to overwrite it")
+        if not meta.isdisjoint(range(first, first + count)):  # one C call per request
+            c = min(meta.intersection(range(first, first + count)))
+            raise CorruptError(f"data cluster {c} overlaps metadata; refusing to overwrite it")
         if (first + count) << self.cluster_bits > self.f.end():
             raise CorruptError(f"data cluster {first + count - 1} lies past the end of the image file")
 
@@ -96,9 +96,9 @@ class Integrity:
     def _check_fresh(self, first: int, count: int) -> None:
         """A newly allocated run must not be metadata (a refcount of 0 on a table)."""
         meta = self._metadata_set()
-        for c in range(first, first + count):
-            if c in meta:
-                raise CorruptError(f"cluster {c} is in use as metadata but has refcount 0")
+        if not meta.isdisjoint(range(first, first + count)):
+            c = min(meta.intersection(range(first, first + count)))
+            raise CorruptError(f"cluster {c} is in use as metadata but has refcount 0")
 
     def mark_clean(self) -> None:
         """Clear the dirty and corrupt bits (after a successful repair)."""

@@ -186,6 +186,52 @@ class RefcountStore:
             self.free_hint = cluster
         return new
 
+    def free_count(self, start: int, want: int) -> int:
+        """How many consecutive clusters from `start` (free itself) are free, at most
+        `want`: a block-wise look instead of one get() per cluster."""
+        epb = self.entries_per_block
+        c, end = start + 1, start + want
+        while c < end:
+            b, i = divmod(c, epb)
+            values = self.block(b)
+            j = min(epb, i + end - c)
+            if values is not None:
+                segment = values[i:j]
+                if any(segment):
+                    return c - start + next(k for k, v in enumerate(segment) if v)
+            c += j - i
+        return want
+
+    def count_new(self, first: int, count: int) -> None:
+        """add(c, 1) for `count` clusters from `first`, all free (refcount 0) and with
+        their blocks in place: one block lookup per block, not per cluster."""
+        epb = self.entries_per_block
+        c, end = first, first + count
+        while c < end:
+            b, i = divmod(c, epb)
+            values = self.ensure_block(b)
+            j = min(epb, i + end - c)
+            for k in range(i, j):
+                if values[k]:
+                    raise CorruptError(f"cluster {b * epb + k} is not free (refcount {values[k]})")
+                values[k] = 1
+            self.dirty_blocks.add(b)
+            c += j - i
+
+    def take_free_hint(self) -> int:
+        """Count the cluster at free_hint when it is free and its block is cached (the
+        usual allocation, at the end of the used space): what `add(next_free(hint), 1)`
+        does then, without the scan; its index, or -1 to take the general way."""
+        c = self.free_hint
+        b, i = divmod(c, self.entries_per_block)
+        values = self.blocks.get(b)
+        if values is None or values[i]:
+            return -1
+        values[i] = 1
+        self.dirty_blocks.add(b)
+        self.free_hint = c + 1
+        return c
+
     def ensure_block(self, b: int) -> array.array:
         """Values of block `b`, allocating it (and growing the table) if it does not exist."""
         while True:

@@ -83,18 +83,19 @@ class L2Cache:
         self.dirty: set[int] = set()
         self._probation: OrderedDict[int, None] = OrderedDict()  # in tables, read once so far
         self._ghosts: OrderedDict[int, None] = OrderedDict()  # offsets pushed out of probation
-        self._mru_offset = 0  # 0: none (no L2 table lives at offset 0, the header does)
-        self._mru: array.array | None = None
+        # the most recently used table, public so that a hot path can test it inline
+        self.mru_offset = 0  # 0: none (no L2 table lives at offset 0, the header does)
+        self.mru: array.array | None = None
 
     def peek(self, offset: int) -> array.array | None:
         """The table at offset if cached (counts as a use), else None; never reads."""
-        if offset == self._mru_offset:
-            return self._mru
+        if offset == self.mru_offset:
+            return self.mru
         t = self.tables.get(offset)
         if t is not None:
             self.tables.move_to_end(offset)
             self._probation.pop(offset, None)  # used again: a table in real use
-            self._mru_offset, self._mru = offset, t
+            self.mru_offset, self.mru = offset, t
         return t
 
     def get(self, offset: int) -> array.array:
@@ -105,7 +106,7 @@ class L2Cache:
             raise CorruptError(f"L2 table at unaligned offset {offset:#x}")
         t = decode_table(self.f.pread(offset, self.cluster_size))
         self.tables[offset] = t
-        self._mru_offset, self._mru = offset, t
+        self.mru_offset, self.mru = offset, t
         if offset in self._ghosts:  # read again soon after probation: into the cache proper
             del self._ghosts[offset]
         else:
@@ -117,7 +118,7 @@ class L2Cache:
         """A table that exists only in memory so far (new or copied on write)."""
         self.tables[offset] = table
         self.dirty.add(offset)
-        self._mru_offset, self._mru = offset, table
+        self.mru_offset, self.mru = offset, table
         self._evict()  # clean tables beyond the budget make room, as for a table read
 
     def mark_dirty(self, offset: int) -> None:
@@ -127,8 +128,8 @@ class L2Cache:
         self.tables.pop(offset, None)
         self.dirty.discard(offset)
         self._probation.pop(offset, None)
-        if offset == self._mru_offset:
-            self._mru_offset, self._mru = 0, None
+        if offset == self.mru_offset:
+            self.mru_offset, self.mru = 0, None
 
     @property
     def over_budget(self) -> bool:
@@ -148,8 +149,8 @@ class L2Cache:
         evict_clean(self.tables, self.dirty, self.max_tables)
         for off in [o for o in probation if o not in self.tables]:
             del probation[off]
-        if self._mru_offset and self._mru_offset not in self.tables:
-            self._mru_offset, self._mru = 0, None
+        if self.mru_offset and self.mru_offset not in self.tables:
+            self.mru_offset, self.mru = 0, None
 
     def write_dirty(self) -> bool:
         for off in sorted(self.dirty):

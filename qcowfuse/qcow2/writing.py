@@ -119,12 +119,13 @@ class WritePath:
 
     def _write_locked(self, offset: int, view: memoryview) -> None:
         length = len(view)
-        cb, cs = self.cluster_bits, self.cluster_size
-        self._prepare_for_write()
+        if not self._prepared:
+            self._prepare_for_write()
         if self.bitmaps is not None:  # the one place a guest range is committed
             self.bitmaps.mark(offset, length)
         if self._fast.write(offset, view):
             return
+        cb, cs = self.cluster_bits, self.cluster_size
         if self.header.extended_l2:
             self._write_subclusters(offset, view)
             return
@@ -179,7 +180,8 @@ class WritePath:
                 for k in range(count):
                     old = table[l2i + k]
                     table[l2i + k] = ((first + k) << cb) | QCOW_OFLAG_COPIED
-                    self._release(old)
+                    if old:  # 0: unallocated, nothing to release
+                        self._release(old)
                 self.l2.mark_dirty(self._l2_offset(l1i))
             pos += n
         if self.l2.over_budget:
@@ -256,11 +258,8 @@ class WritePath:
         last = (end - 1) // cs
         head_zero = in_cl == 0 or self._reads_as_zeros(table[l2i])
         tail_zero = end % cs == 0 or self._reads_as_zeros(table[l2i + last])
-        if head_zero and tail_zero and host >= self.f.end():
-            # Past the end of the file the host reads zeros already (a hole): write only
-            # the data and make the file cover the clusters, instead of 16x the bytes.
-            self.f.pwrite(host + in_cl, data)
-            self.f.extend_to(host + total)
+        if head_zero and tail_zero:
+            self._write_new_in_zeros(host, total, in_cl, data)
             return
         buf = bytearray(total)
         if not head_zero:
@@ -268,6 +267,19 @@ class WritePath:
         if not tail_zero:
             buf[last * cs:(last + 1) * cs] = self.cluster_content(table[l2i + last], guest_cluster + last)
         buf[in_cl:end] = data
+        self.f.pwrite(host, buf)
+
+    def _write_new_in_zeros(self, host: int, total: int, in_cl: int, data: memoryview) -> None:
+        """Write `data` at in_cl into `total` bytes of fresh host clusters that must read
+        as zeros around it."""
+        if len(data) == total or host >= self.f.end():
+            # Past the end of the file the host reads zeros already (a hole): write only
+            # the data and make the file cover the clusters, instead of 16x the bytes.
+            self.f.pwrite(host + in_cl, data)
+            self.f.extend_to(host + total)
+            return
+        buf = bytearray(total)  # a reused cluster: zeros around the data
+        buf[in_cl:in_cl + len(data)] = data
         self.f.pwrite(host, buf)
 
     def _reads_as_zeros(self, entry: int) -> bool:
