@@ -27,6 +27,7 @@ import array
 import contextlib
 import re
 import struct
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -233,7 +234,10 @@ class Bitmaps:
         self._alloc: Callable[[int], int] = lambda n: 0
         self.tracked: list[Bitmap] = []  # consistent at open: stored again at close
         self._enabled: list[Bitmap] = []
-        self._chunks: dict[tuple[str, int], bytearray] = {}  # touched data, in memory
+        # touched data in memory, least recently used first; _changed: those that differ
+        # from where they were read (the old cluster, a spilled one, or all ones)
+        self._chunks: OrderedDict[tuple[str, int], bytearray] = OrderedDict()
+        self._changed: set[tuple[str, int]] = set()
         self._spilled: dict[tuple[str, int], int] = {}  # touched data, in a new cluster
         self._touched: dict[str, set[int]] = {}
         self._disk_tables: dict[str, array.array] = {}  # each tracked table as on disk
@@ -386,7 +390,8 @@ class Bitmaps:
                 if buf is None:
                     continue  # all ones already
                 base = idx * per_chunk
-                _set_bits(buf, max(g0, base) - base, min(g1, base + per_chunk - 1) - base)
+                if _set_bits(buf, max(g0, base) - base, min(g1, base + per_chunk - 1) - base):
+                    self._changed.add((bm.name, idx))
         if len(self._chunks) * self.cs > self.chunk_budget:
             self._spill()
 
@@ -396,6 +401,7 @@ class Bitmaps:
         key = (bm.name, idx)
         buf = self._chunks.get(key)
         if buf is not None:
+            self._chunks.move_to_end(key)
             return buf
         if idx >= len(bm.table):
             return None  # beyond the table (cannot happen for a valid bitmap)
@@ -409,13 +415,17 @@ class Bitmaps:
         return buf
 
     def _spill(self) -> None:
-        """Over budget: write touched data to the clusters it will live in (they are new
-        and unreferenced until the directory switch, so no ordering is needed)."""
-        for key, buf in list(self._chunks.items()):
+        """Over budget: the least recently used half of the touched data leaves memory.
+        What changed goes to the cluster it will live in (new, and unreferenced until the
+        directory switch, so no ordering is needed); the rest is where it was read from."""
+        while len(self._chunks) * self.cs > self.chunk_budget // 2:
+            key, buf = self._chunks.popitem(last=False)
+            if key not in self._changed:
+                continue
+            self._changed.discard(key)
             if key not in self._spilled:
                 self._spilled[key] = self._alloc(1) << self.cb
             self.f.pwrite(self._spilled[key], buf)
-            del self._chunks[key]
 
     def resize(self, new_size: int) -> None:
         """The guest disk changes size: every tracked bitmap's table follows it (QEMU
@@ -429,6 +439,7 @@ class Bitmaps:
             for idx in range(want, len(bm.table)):
                 key = (bm.name, idx)
                 self._chunks.pop(key, None)
+                self._changed.discard(key)
                 if key in self._spilled:
                     self._orphans.append(self._spilled.pop(key))
                 self._touched[bm.name].discard(idx)
@@ -440,6 +451,7 @@ class Bitmaps:
                 buf = self._chunk_for_write(bm, want - 1, ones=True)
                 assert buf is not None
                 _clear_bits_from(buf, granules - base)
+                self._changed.add((bm.name, want - 1))
 
     # -- storing at close -------------------------------------------------------------
 
@@ -502,6 +514,7 @@ class Bitmaps:
             free_later(where >> cb)
         self._orphans.clear()
         self._chunks.clear()
+        self._changed.clear()
         self._spilled.clear()
         self._touched = {}
         flush()
@@ -515,13 +528,16 @@ def _clear_bits_from(buf: bytearray, lo: int) -> None:
         buf[byte + 1:] = bytes(len(buf) - byte - 1)
 
 
-def _set_bits(buf: bytearray, lo: int, hi: int) -> None:
-    """Set bits lo..hi (inclusive) of a little-endian bit array."""
-    if lo >> 3 == hi >> 3:
-        buf[lo >> 3] |= ((1 << (hi - lo + 1)) - 1) << (lo & 7)
-        return
+def _set_bits(buf: bytearray, lo: int, hi: int) -> bool:
+    """Set bits lo..hi (inclusive) of a little-endian bit array; whether any was clear."""
     first, last = lo >> 3, hi >> 3
+    if first == last:
+        old = buf[first]
+        buf[first] = old | ((1 << (hi - lo + 1)) - 1) << (lo & 7)
+        return buf[first] != old
+    before = buf[first:last + 1]
     buf[first] |= (0xFF << (lo & 7)) & 0xFF
     if last > first + 1:
         buf[first + 1:last] = b"\xff" * (last - first - 1)
     buf[last] |= (1 << ((hi & 7) + 1)) - 1
+    return buf[first:last + 1] != before
