@@ -58,7 +58,7 @@ def _pid_alive(pid: int) -> bool:
         return False
 
 
-def unmount(mountpoint: Path, pid: int | None, timeout: float = 20) -> None:
+def unmount(mountpoint: Path, pid: int | None, timeout: float = 60) -> None:
     """fusermount3 -u (retrying while busy), then wait for the daemon to exit."""
     deadline = time.monotonic() + timeout
     while str(mountpoint) in fuse_mounts():
