@@ -415,6 +415,27 @@ def _crash_images(w: Workload, cuts: list[int], rnd: random.Random):
         yield k, mode, crash, flushed, at_cut, since
 
 
+@dataclass
+class JudgedCrash:
+    """One crash image of _crash_images, written to a file and judged by QEMU."""
+    cut: int
+    mode: str
+    info: dict  # qemu-img check --output=json, its exit code under "rc"
+    guest: bytes | None  # qemu-img convert -O raw of it; None if that failed
+    bad: str | None  # _crash_verdict: corrupt, uncheckable or unreadable (leaks are fine)
+    flushed: bytearray  # the guest as of the last flush before the cut
+    at_cut: bytearray  # ... with every write begun before the cut
+    since: list  # those writes since the flush
+
+
+def _judged_crash_images(w: Workload, cuts: list[int], rnd: random.Random, path: Path):
+    """Each crash image of _crash_images at `path`, judged (one at a time, same file)."""
+    for k, mode, crash, flushed, at_cut, since in _crash_images(w, cuts, rnd):
+        path.write_bytes(crash)
+        info, guest = _judge_crash_image(path)
+        yield JudgedCrash(k, mode, info, guest, _crash_verdict(info, guest), flushed, at_cut, since)
+
+
 # (cluster size, refcount bits, compat, virtual size, operations, cut points, variant)
 POWER_LOSS_GEOMETRIES = [
     (512, 64, "1.1", 8 << 20, 800, 110, ""),  # 64 entries per block: the refcount table grows
@@ -455,23 +476,20 @@ def test_power_loss_at_any_point(tmp_path, cs, rb, compat, size, n_ops, n_cuts, 
     cuts = _pick_cuts(w.log, rnd, n_cuts)
     crash_path = tmp_path / "crash.qcow2"
     failures, leaky, modes, failed_modes = [], 0, {}, {}
-    for k, mode, crash, flushed, at_cut, since in _crash_images(w, cuts, rnd):
-        crash_path.write_bytes(crash)
-        where = f"seed={seed} geometry=({cs}, {rb}, {compat}, {variant!r}) cut={k}/{len(w.log)} mode={mode}"
-        modes[mode] = modes.get(mode, 0) + 1
-        info, guest = _judge_crash_image(crash_path)
-        bad = _crash_verdict(info, guest)
-        if bad:
-            failures.append(f"{where}: {bad}")
-            failed_modes[mode] = failed_modes.get(mode, 0) + 1
-            crash_path.rename(tmp_path / f"corrupt-cut{k}.qcow2")
+    for c in _judged_crash_images(w, cuts, rnd, crash_path):
+        where = f"seed={seed} geometry=({cs}, {rb}, {compat}, {variant!r}) cut={c.cut}/{len(w.log)} mode={c.mode}"
+        modes[c.mode] = modes.get(c.mode, 0) + 1
+        if c.bad:
+            failures.append(f"{where}: {c.bad}")
+            failed_modes[c.mode] = failed_modes.get(c.mode, 0) + 1
+            crash_path.rename(tmp_path / f"corrupt-cut{c.cut}.qcow2")
             continue
-        leaky += info["rc"] == 3
-        why = _verify_guest(guest, flushed, at_cut, since)
+        leaky += c.info["rc"] == 3
+        why = _verify_guest(c.guest, c.flushed, c.at_cut, c.since)
         if why:
             failures.append(f"{where}: {why}")
-            failed_modes[mode] = failed_modes.get(mode, 0) + 1
-            crash_path.rename(tmp_path / f"lost-cut{k}.qcow2")
+            failed_modes[c.mode] = failed_modes.get(c.mode, 0) + 1
+            crash_path.rename(tmp_path / f"lost-cut{c.cut}.qcow2")
     syncs = sum(1 for e in w.log if e is None)
     print(f"\npower loss {cs}B rc{rb} v{compat} {variant or 'plain'} seed={seed}: {len(w.writes)} writes, "
           f"{len(w.flushes)} flushes, log {len(w.log)} entries ({syncs} syncs), "
@@ -507,11 +525,8 @@ def test_harness_catches_missing_barriers(tmp_path):
     cuts = [i for i, e in enumerate(w.log) if e is None]  # just before each barrier
     caught = 0
     crash_path = tmp_path / "crash.qcow2"
-    for k, mode, crash, flushed, at_cut, since in _crash_images(w, cuts, rnd):
-        crash_path.write_bytes(crash)
-        info, got = _judge_crash_image(crash_path)
-        caught += bool(info.get("corruptions", 0) or info["rc"] not in (0, 3) or got is None
-                       or _verify_guest(got, flushed, at_cut, since))
+    for c in _judged_crash_images(w, cuts, rnd, crash_path):
+        caught += bool(c.bad or _verify_guest(c.guest, c.flushed, c.at_cut, c.since))
     print(f"\nharness self-check: {caught} of {len(cuts)} crash images of a barrier-less engine caught")
     assert caught, "the harness did not notice an engine without write barriers"
 

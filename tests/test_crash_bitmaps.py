@@ -19,8 +19,8 @@ from qcowfuse import Image
 from qcowfuse.hostfile import HostFile
 from test_bitmaps import dirty_ranges
 from test_crash import (
-    SEED, GuestWrite, RecordingFile, Workload, _crash_images, _crash_verdict, _guest_raw,
-    _judge_crash_image, _pick_cuts, _verify_guest)
+    SEED, GuestWrite, RecordingFile, Workload, _guest_raw, _judged_crash_images, _pick_cuts,
+    _verify_guest)
 
 
 def _bitmap_state(path) -> dict[str, tuple[list[str], list | None]]:
@@ -74,15 +74,12 @@ def test_power_loss_while_bitmaps_are_tracked_and_stored(tmp_path, cs, granulari
     cuts += [k for k in range(len(w.log) - 12, len(w.log) + 1) if k not in cuts]  # the store
     crash_path = tmp_path / "crash.qcow2"
     failures, states = [], {}
-    for k, mode, crash, flushed, at_cut, since in _crash_images(w, sorted(cuts), rnd):
-        crash_path.write_bytes(crash)
-        where = f"seed={seed} cs={cs} cut={k}/{len(w.log)} mode={mode}"
-        info, got = _judge_crash_image(crash_path)
-        bad = _crash_verdict(info, got)
-        if bad:
-            failures.append(f"{where}: {bad}")
+    for c in _judged_crash_images(w, sorted(cuts), rnd, crash_path):
+        where = f"seed={seed} cs={cs} cut={c.cut}/{len(w.log)} mode={c.mode}"
+        if c.bad:
+            failures.append(f"{where}: {c.bad}")
             continue
-        why = _verify_guest(got, flushed, at_cut, since)
+        why = _verify_guest(c.guest, c.flushed, c.at_cut, c.since)
         if why:
             failures.append(f"{where}: {why}")
             continue
@@ -91,7 +88,7 @@ def test_power_loss_while_bitmaps_are_tracked_and_stored(tmp_path, cs, granulari
             if ranges is None:
                 states["in-use"] = states.get("in-use", 0) + 1
                 continue
-            untouched = got == w.guest0
+            untouched = c.guest == w.guest0
             ok = ranges == after[name][1] or (untouched and ranges == before[name][1])
             states["valid"] = states.get("valid", 0) + 1
             if not ok:

@@ -24,8 +24,8 @@ import qemu
 from qcowfuse import Image
 from qcowfuse.hostfile import HostFile
 from test_crash import (SECTOR, SEED, GuestWrite, RecordingFile, Workload, _after_kill,
-                        _assert_killed, _check_not_corrupt, _crash_images, _crash_verdict, _guest_raw,
-                        _judge_crash_image, _Killer, _pick_cuts, _verify_guest)
+                        _assert_killed, _check_not_corrupt, _guest_raw, _judged_crash_images, _Killer,
+                        _pick_cuts, _verify_guest)
 
 KiB, MiB = 1 << 10, 1 << 20
 
@@ -133,21 +133,18 @@ def test_power_loss_while_resizing(tmp_path, cs, rb, compat, size, steps, n_cuts
     crash_path = tmp_path / "crash.qcow2"
     failures = []
     sizes_seen: set[int] = set()
-    for k, mode, crash, flushed, at_cut, since in _crash_images(w, sorted(cuts), rnd):
-        crash_path.write_bytes(crash)
-        where = f"seed={seed} geometry=({cs}, {rb}, {compat}, {variant!r}) cut={k}/{len(w.log)} mode={mode}"
-        info, guest = _judge_crash_image(crash_path)
-        bad = _crash_verdict(info, guest)
-        if bad:
-            failures.append(f"{where}: {bad}")
+    for c in _judged_crash_images(w, sorted(cuts), rnd, crash_path):
+        where = f"seed={seed} geometry=({cs}, {rb}, {compat}, {variant!r}) cut={c.cut}/{len(w.log)} mode={c.mode}"
+        if c.bad:
+            failures.append(f"{where}: {c.bad}")
             continue
-        allowed = w.sizes_at(k)
-        if len(guest) not in allowed:
-            failures.append(f"{where}: virtual size {len(guest)}, expected one of {sorted(allowed)}")
+        n = len(c.guest)
+        allowed = w.sizes_at(c.cut)
+        if n not in allowed:
+            failures.append(f"{where}: virtual size {n}, expected one of {sorted(allowed)}")
             continue
-        sizes_seen.add(len(guest))
-        n = len(guest)
-        why = _verify_guest(guest, flushed[:n], at_cut[:n], since)
+        sizes_seen.add(n)
+        why = _verify_guest(c.guest, c.flushed[:n], c.at_cut[:n], c.since)
         if why:
             failures.append(f"{where}: {why}")
     print(f"\npower loss while resizing {cs}B rc{rb} v{compat} {variant or 'plain'} seed={seed}: "
