@@ -41,6 +41,7 @@ def test_cached_entry_into_metadata_is_refused(tmp_path, target):
     before = img.read_bytes()
     with Image.open(str(img), writable=True) as im:
         assert im.read(0, 4096) == b"\x11" * 4096  # the L2 table is now cached
+        im.write(0, b"\x11" * 4096)  # the first write (its preparation): later ones may go fast
         with pytest.raises(CorruptError):
             im.write(4 * CS + 4096, b"\xff" * 4096)
         with pytest.raises(CorruptError):  # refused from now on, as the general path does
@@ -60,6 +61,7 @@ def test_run_into_past_eof_is_refused(tmp_path):
     before = img.read_bytes()
     with Image.open(str(img), writable=True) as im:
         assert im.read(0, 4096) == b"\x11" * 4096  # the L2 table is now cached
+        im.write(0, b"\x11" * 4096)  # the first write (its preparation): later ones may go fast
         with pytest.raises(CorruptError):
             im.write(5 * CS - 4096, b"\xff" * 8192)
     after = img.read_bytes()

@@ -97,24 +97,38 @@ class FastPath:
             host = self._host(offset, length, False)
             return img.f.pread(host, length) if host >= 0 else None
 
-    def write(self, offset: int, view: memoryview) -> bool:
-        """Called with the image lock held, after the first-write preparation."""
-        if not self.writes:
+    def write(self, offset: int, view: bytes | memoryview) -> bool:
+        """The whole of a write (True), or nothing done (False: the general path).  Called
+        with the image lock held on a writable image that is not marked corrupt; `view` is
+        bytes or a byte-format view.  Before the first write's preparation, and where a
+        cluster would be metadata or past the end of the file, nothing is done: the general
+        path then refuses with its own error."""
+        img = self.img
+        if not self.writes or not img._prepared:
             return False
-        host = self._host(offset, len(view), True)
+        length = len(view)
+        host = self._host(offset, length, True)
         if host < 0:
             return host == FRESH and self._write_fresh(offset, view)
-        clusters = ((host & self.in_cluster) + len(view) + self.in_cluster) >> self.cluster_bits
-        self.img._check_data_target(host >> self.cluster_bits, clusters)
-        self.img.f.pwrite(host, view)
+        # QEMU's overlap check, as the general path's _check_data_target
+        first, last = host >> self.cluster_bits, (host + length - 1) >> self.cluster_bits
+        meta = img._metadata_set()
+        if (last + 1) << self.cluster_bits > img.f.end() or (
+                not meta.isdisjoint(range(first, last + 1)) if last > first else first in meta):
+            return False
+        if img.bitmaps is not None:
+            img.bitmaps.mark(offset, length)
+        img.f.pwrite(host, view)
         return True
 
-    def _write_fresh(self, offset: int, view: memoryview) -> bool:
+    def _write_fresh(self, offset: int, view: bytes | memoryview) -> bool:
         img = self.img
         c = img.alloc.alloc_quick()
         if c < 0:
             return False
         img._check_fresh(c, 1)
+        if img.bitmaps is not None:
+            img.bitmaps.mark(offset, len(view))
         host = c << self.cluster_bits
         img._write_new_in_zeros(host, self.in_cluster + 1, offset & self.in_cluster, view)
         assert self._table is not None

@@ -101,7 +101,7 @@ class WritePath:
 
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> int:
         """Write guest bytes at offset; returns the number written (all of them)."""
-        view = memoryview(data).cast("B")
+        view = data if type(data) is bytes else memoryview(data).cast("B")
         length = len(view)
         if not self.writable:
             raise ReadOnlyError("image is open read-only")
@@ -111,7 +111,8 @@ class WritePath:
             if self._corrupt:
                 raise CorruptError("image was marked corrupt; writes are refused until it is repaired")
             try:
-                self._write_locked(offset, view)
+                if not self._fast.write(offset, view):  # the common case, whole (fastpath.py)
+                    self._write_locked(offset, memoryview(view))
             except CorruptError as e:
                 self.mark_corrupt(str(e))
                 raise
@@ -121,10 +122,8 @@ class WritePath:
         length = len(view)
         if not self._prepared:
             self._prepare_for_write()
-        if self.bitmaps is not None:  # the one place a guest range is committed
+        if self.bitmaps is not None:  # the one place the general path commits a guest range
             self.bitmaps.mark(offset, length)
-        if self._fast.write(offset, view):
-            return
         cb, cs = self.cluster_bits, self.cluster_size
         if self.header.extended_l2:
             self._write_subclusters(offset, view)
