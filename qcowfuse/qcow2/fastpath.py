@@ -8,11 +8,14 @@ free: the general path's allocation, done the same way in the same order (refcou
 memory, overlap check, data, then the L2 entry in memory).
 
 Everything else, and anything unusual about these (an unaligned host offset, a table
-not cached, a write that allocates), returns "not handled" and takes the general path
-in image.py, which owns every check and error.  The one check a fast write needs, that
-guest data never lands on metadata or past the end of the file (QEMU's overlap check),
-is the general path's own.  Extended L2 entries and detect-zeroes always take the
-general path.  Constants are derived once here, not per request.
+not cached, a write that allocates more than that one cluster, the first write of a
+session), returns "not handled" having done nothing, and takes the general path
+(qcow2/reading.py, qcow2/writing.py), which owns every error.  The one check a fast
+in-place write needs, that guest data never lands on metadata or past the end of the
+file (QEMU's overlap check), is made here on the general path's metadata set; where it
+fails the fast path declines, so the general path raises and marks the image corrupt.
+Extended L2 entries and detect-zeroes always take the general path.  Constants are
+derived once here, not per request.
 """
 
 from __future__ import annotations
