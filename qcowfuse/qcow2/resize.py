@@ -18,9 +18,10 @@ Shrinking is done only over space that holds no guest data (QEMU's --shrink
 discards whatever is there; a mounted disk must never lose data to a truncate):
 zero clusters past the new end are dropped, L2 tables wholly past it are freed
 after their L1 entries are zero on disk, and the L1 table keeps its size (as
-QEMU's qcow2_shrink_l1_table does).  Snapshots keep their own L1 tables and
-sizes; QEMU refuses to resize a v2 image with snapshots (their size is optional
-there), and so do we.
+QEMU's qcow2_shrink_l1_table does).  The freed clusters are punched out once
+their refcount 0 is on disk (QEMU discards them).  Snapshots keep their own L1
+tables and sizes; QEMU refuses to resize a v2 image with snapshots (their size is
+optional there), and so do we.
 """
 
 from __future__ import annotations
@@ -256,7 +257,8 @@ def _fill_zero_flags(img: ImageState, table: array.array, start: int, end: int) 
 def _shrink(img: ImageState, new_size: int) -> None:
     """Drop what lies past new_size (zero clusters only: _refuse checked) and the L2
     tables wholly past it; the L1 entries are zero on disk before the tables are freed
-    (the caller's flush)."""
+    (the caller's flush), and the freed host clusters are punched out after that
+    (QEMU discards them with QCOW2_DISCARD_ALWAYS)."""
     cb = img.cluster_bits
     c_end = -(-new_size // img.cluster_size)
     bits, n = img.l2_bits, img.l2_entries
@@ -267,7 +269,7 @@ def _shrink(img: ImageState, new_size: int) -> None:
         if drop:
             table = img._l2_for_write(l1i)
             for i in drop:
-                img._release(_entry(img, table, i)[0])
+                img._release(_entry(img, table, i)[0], discard=True)
                 _set_entry(img, table, i, 0, 0)
             img.l2.mark_dirty(img._l2_offset(l1i))
     for l1i in range(-(-c_end // n), len(img.l1)):
@@ -281,9 +283,9 @@ def _shrink(img: ImageState, new_size: int) -> None:
         for i in range(n):
             entry = _entry(img, table, i)[0]
             if entry & L2E_OFFSET_MASK:
-                img._release(entry)
+                img._release(entry, discard=True)
         img.l2.forget(off)
         img.l1[l1i] = 0
         img.l1_dirty.add(l1i)
-        img.alloc.free_later(off >> cb)
+        img.alloc.free_later(off >> cb, discard=True)
     img._l1_generation += 1
