@@ -216,7 +216,7 @@ MUTANTS = [
            ["tests/test_zeroes_and_map.py::test_detect_zeroes_allocation"],
            "detect-zeroes=unmap frees the host cluster"),
     Mutant("detect-zeroes-no-punch", WRITE,
-           "f.punch_hole(c << self.cluster_bits, self.cluster_size)",
+           "f.punch_hole(c << self.cluster_bits, n << self.cluster_bits)",
            "pass",
            ["tests/test_zeroes_and_map.py::test_detect_zeroes_through_mount"],
            "detect-zeroes=unmap punches the freed space out of the image file"),

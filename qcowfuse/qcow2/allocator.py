@@ -35,6 +35,18 @@ def alloc_contiguous(rc: RefcountStore, count: int) -> int:
         return start
 
 
+def cluster_runs(clusters: list[int]) -> list[tuple[int, int]]:
+    """(first, count) of each run of consecutive cluster indexes, in order: one punch
+    per run instead of one per cluster (as QEMU merges adjacent discards)."""
+    runs: list[tuple[int, int]] = []
+    for c in sorted(set(clusters)):
+        if runs and runs[-1][0] + runs[-1][1] == c:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((c, 1))
+    return runs
+
+
 class Allocator:
     def __init__(self, refcounts: RefcountStore) -> None:
         self.rc = refcounts

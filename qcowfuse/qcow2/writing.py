@@ -22,6 +22,7 @@ import array
 import struct
 
 from ..errors import CorruptError, ReadOnlyError
+from .allocator import cluster_runs
 from .compressed import CompressedDescriptor
 from .header import AUTOCLEAR_BITMAPS, INCOMPAT_DIRTY, OFF_AUTOCLEAR_FEATURES
 from .tables import (
@@ -310,7 +311,7 @@ class WritePath:
                 # references are gone from disk now; punched once their refcount 0 is too
                 freed = self.alloc.release_pending(self.detect_zeroes == "unmap")
                 self.rc.flush()
-                for c in freed:  # nothing can reuse them before this returns
-                    f.punch_hole(c << self.cluster_bits, self.cluster_size)
+                for c, n in cluster_runs(freed):  # nothing can reuse them before this returns
+                    f.punch_hole(c << self.cluster_bits, n << self.cluster_bits)
             if f.unsynced:
                 f.sync()
