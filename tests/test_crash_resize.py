@@ -127,7 +127,10 @@ def test_power_loss_while_resizing(tmp_path, cs, rb, compat, size, steps, n_cuts
     rnd = random.Random(seed)
     path, backing = _make(tmp_path, cs, rb, compat, size, variant)
     w = _run(path, backing, steps, rnd)
+    if variant == "shrink":  # the cut of the host file is among the steps judged
+        assert any(isinstance(e, Truncate) for e in w.log)
     # every cut inside a resize, and around each header write (the L1 switch, the size)
+    # and each truncate
     cuts = set(_pick_cuts(w.log, rnd, n_cuts))
     for start, end, _ in w.resizes:
         cuts.update(range(start, end + 1, max(1, (end - start) // 25)))
