@@ -108,6 +108,16 @@ class HostFile:
                 self._size = size + PREALLOCATE_BYTES
             self._end = size
 
+    def truncate(self, size: int) -> None:
+        """Cut the file to `size` bytes, shorter than the image's end (best effort, as
+        QEMU's shrink: a failure only leaves a longer file).  Later growth starts
+        from there."""
+        try:
+            os.ftruncate(self.fd, size)
+        except OSError:
+            return
+        self._end = self._size = size
+
     def punch_hole(self, offset: int, length: int) -> None:
         """Give the space back to the host filesystem (best effort; size unchanged)."""
         global _libc

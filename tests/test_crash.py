@@ -58,15 +58,22 @@ SECTOR = 512
 
 # -- recording layer ------------------------------------------------------------------
 
+@dataclass(frozen=True)
+class Truncate:
+    """Log entry of a HostFile.truncate: the file is cut to `size` bytes."""
+    size: int
+
+
 class RecordingFile:
-    """HostFile substitute: forwards everything, logs each pwrite as (offset, bytes) and
-    each sync as None, in the order the engine issued them.  Methods are listed one by
+    """HostFile substitute: forwards everything, logs each pwrite as (offset, bytes),
+    each truncate as a Truncate and each sync as None, in the order the engine issued
+    them.  Methods are listed one by
     one on purpose: a new HostFile method must be added here, or the engine fails with
     AttributeError, rather than change the file behind the log's back."""
 
     def __init__(self, inner: HostFile) -> None:
         self.inner = inner
-        self.log: list[tuple[int, bytes] | None] = []
+        self.log: list[tuple[int, bytes] | Truncate | None] = []
         self.unsynced = False
 
     @property
@@ -104,6 +111,11 @@ class RecordingFile:
             self.unsynced = True
         self.inner.extend_to(size)
 
+    def truncate(self, size: int) -> None:
+        self.log.append(Truncate(size))
+        self.unsynced = True
+        self.inner.truncate(size)
+
     def punch_hole(self, offset: int, length: int) -> None:
         """Logged as a write of zeros (clipped at the end of the file: the size stays)."""
         n = max(0, min(length, self.inner.size() - offset))
@@ -126,6 +138,15 @@ def _put(buf: bytearray, off: int, data: bytes) -> None:
     if end > len(buf):
         buf.extend(bytes(end - len(buf)))
     buf[off:end] = data
+
+
+def _apply(buf: bytearray, e: tuple[int, bytes] | Truncate) -> None:
+    """One log entry (not a sync) onto a crash image."""
+    if isinstance(e, Truncate):
+        del buf[e.size:]
+        buf.extend(bytes(e.size - len(buf)))
+    else:
+        _put(buf, *e)
 
 
 def _check_not_corrupt(path: Path) -> dict:
@@ -262,12 +283,12 @@ def _run_workload(path: Path, cs: int, size: int, rnd: random.Random, n_ops: int
 
 def _pick_cuts(log: list, rnd: random.Random, n: int) -> list[int]:
     """Cut k: log entries [0, k) happened.  Always around each header write (the
-    refcount table moving); then favour the moments just before a sync (a whole
+    refcount table moving) and each truncate; then favour the moments just before a sync (a whole
     epoch of writes in flight) and just after one, plus uniform picks."""
     syncs = [i for i, e in enumerate(log) if e is None]
     cuts = set()
     for i, e in enumerate(log):
-        if e is not None and e[0] < SECTOR:
+        if isinstance(e, Truncate) or e is not None and e[0] < SECTOR:
             cuts.update(k for k in range(i - 2, i + 3) if 0 <= k <= len(log))
     while len(cuts) < min(n, len(log) + 1):
         r = rnd.random()
@@ -349,17 +370,26 @@ def _sectors(off: int, data: bytes):
 #           prefix of the writes that touched it (writeback at any moment, sector
 #           atomic disk): the weakest assumption a real host gives
 #   all / none: everything, or nothing, since the last sync
+# A truncate since the last sync is kept or not, as a whole, like a pwrite of "subset"
+# (at a random place among the other pieces in every mode but all / none).
 CRASH_MODES = ["subset", "torn", "sector", "all", "none"]
 CRASH_MODE_WEIGHTS = [4, 2, 3, 1, 1]
 
 
-def _disk_state(pending: list[tuple[int, bytes]], mode: str, rnd: random.Random) -> list[tuple[int, bytes]]:
-    """The pieces of `pending` (unsynced writes, in program order) that reached the disk,
-    in the order to apply them."""
+def _disk_state(pending: list, mode: str, rnd: random.Random) -> list:
+    """The pieces of `pending` (unsynced writes and truncates, in program order) that
+    reached the disk, in the order to apply them."""
     if mode == "all":
         return pending
     if mode == "none":
         return []
+    cuts = [e for e in pending if isinstance(e, Truncate)]
+    if cuts:
+        out = _disk_state([e for e in pending if not isinstance(e, Truncate)], mode, rnd)
+        for e in cuts:
+            if rnd.random() < 0.5:
+                out.insert(rnd.randint(0, len(out)), e)
+        return out
     if mode == "sector":
         count: dict[int, int] = {}
         for off, data in pending:
@@ -394,7 +424,7 @@ def _crash_images(w: Workload, cuts: list[int], rnd: random.Random):
         last_sync = syncs[n_syncs - 1] if n_syncs else -1
         for e in w.log[applied:last_sync + 1]:
             if e is not None:
-                _put(synced, *e)
+                _apply(synced, e)
         applied = max(applied, last_sync + 1)
         # the last Image.flush() that returned before the cut
         done = max((n for end, n in w.flushes if end <= k), default=0)
@@ -410,8 +440,8 @@ def _crash_images(w: Workload, cuts: list[int], rnd: random.Random):
         mode = rnd.choices(CRASH_MODES, CRASH_MODE_WEIGHTS)[0]
         pending = _disk_state(pending, mode, rnd)
         crash = bytearray(synced)
-        for off, data in pending:
-            _put(crash, off, data)
+        for e in pending:
+            _apply(crash, e)
         yield k, mode, crash, flushed, at_cut, since
 
 
@@ -673,7 +703,7 @@ def _cut_every_epoch(tmp: Path, initial: bytes, log: list, first: int, judge,
     synced = bytearray(initial)
     for e in log[:first]:
         if e is not None:
-            _put(synced, *e)
+            _apply(synced, e)
     seen: set[bytes] = set()
     failures = []
     crash_path = tmp / "crash.qcow2"
@@ -683,7 +713,7 @@ def _cut_every_epoch(tmp: Path, initial: bytes, log: list, first: int, judge,
         for subset in _subsets(len(pending), rnd, limit):
             crash = bytearray(synced)
             for i in subset:
-                _put(crash, *pending[i])
+                _apply(crash, pending[i])
             digest = hashlib.sha256(crash).digest()
             if digest in seen:
                 continue
@@ -700,7 +730,7 @@ def _cut_every_epoch(tmp: Path, initial: bytes, log: list, first: int, judge,
             if why:
                 failures.append(f"{where}: {why}")
         for e in pending:
-            _put(synced, *e)
+            _apply(synced, e)
     return failures, len(seen), len(epochs)
 
 

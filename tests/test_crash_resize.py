@@ -5,7 +5,8 @@ SIGKILL of the daemon while a client grows the mounted disk and writes into it.
 The power-loss harness is test_crash.py's (recording layer, crash images from a prefix
 of the log, QEMU as the judge).  On top of its rules: a crash image's virtual size is
 the size of the last resize that returned, or the one in progress; the space a resize
-added reads as zeros until written.
+added reads as zeros until written.  A shrink's punched clusters and its cut of the
+host file (a truncate in the log) are judged at every step too.
 """
 
 from __future__ import annotations
@@ -23,9 +24,9 @@ import pytest
 import qemu
 from qcowfuse import Image
 from qcowfuse.hostfile import HostFile
-from test_crash import (SECTOR, SEED, GuestWrite, RecordingFile, Workload, _after_kill,
-                        _assert_killed, _check_not_corrupt, _guest_raw, _judged_crash_images, _Killer,
-                        _pick_cuts, _verify_guest)
+from test_crash import (SECTOR, SEED, GuestWrite, RecordingFile, Truncate, Workload, _after_kill,
+                        _assert_killed, _check_not_corrupt, _cut_every_epoch, _guest_raw,
+                        _judged_crash_images, _Killer, _pick_cuts, _verify_guest)
 
 KiB, MiB = 1 << 10, 1 << 20
 
@@ -126,7 +127,10 @@ def test_power_loss_while_resizing(tmp_path, cs, rb, compat, size, steps, n_cuts
     rnd = random.Random(seed)
     path, backing = _make(tmp_path, cs, rb, compat, size, variant)
     w = _run(path, backing, steps, rnd)
+    if variant == "shrink":  # the cut of the host file is among the steps judged
+        assert any(isinstance(e, Truncate) for e in w.log)
     # every cut inside a resize, and around each header write (the L1 switch, the size)
+    # and each truncate
     cuts = set(_pick_cuts(w.log, rnd, n_cuts))
     for start, end, _ in w.resizes:
         cuts.update(range(start, end + 1, max(1, (end - start) // 25)))
@@ -152,6 +156,46 @@ def test_power_loss_while_resizing(tmp_path, cs, rb, compat, size, steps, n_cuts
           f"{len(cuts)} cuts, sizes seen {sorted(sizes_seen)}, {len(failures)} failed")
     assert not failures, f"{len(failures)} of {len(cuts)} crash images bad:\n" + "\n".join(failures[:8])
     assert len(sizes_seen) > 1
+
+
+def test_power_cut_at_every_step_of_a_shrink_giving_space_back(tmp_path):
+    """A shrink frees L2 tables and preallocated zero clusters inside the file (punched)
+    and at its end (cut off, with the refcount block left counting nothing): every subset of every epoch's writes, the truncate among
+    them, leaves an image QEMU finds uncorrupted, of the old size or the new, with the
+    data below the new end intact."""
+    cs, old, new = 512, 4 * MiB, 1 * MiB
+    path = qemu.create(tmp_path / "s.qcow2", old, cs, 64)  # a refcount block per 32 KiB
+    # the last refcount block comes to count only clusters past the cut, and itself
+    qemu.qemu_io(path, "write -P 0x12 3M 2k", "write -P 0x11 0 20k", "write -P 0x13 2M 8k",
+                 "write -z 2M 8k", "write -z 3M 2k")
+    initial = path.read_bytes()
+    ref = tmp_path / "qemu.qcow2"
+    ref.write_bytes(initial)
+    qemu.run("qemu-img", "resize", "-q", "--shrink", str(ref), str(new))
+    rec = RecordingFile(HostFile.open(str(path), True))
+    img = Image.open_file(rec, writable=True)
+    try:
+        img.write(100, b"\x14" * 700)  # dirty tables when the shrink begins
+        first = len(rec.log)
+        img.resize(new)
+    finally:
+        img.close()
+    assert any(isinstance(e, Truncate) for e in rec.log[first:]), "the shrink cut nothing off"
+    qemu.assert_clean(path)
+    assert path.stat().st_size <= ref.stat().st_size  # the emptied refcount block went too
+    below = bytearray(b"\x11" * (20 * KiB)) + bytes(new - 20 * KiB)
+    below[100:800] = b"\x14" * 700
+
+    def judge(crash_path: Path, info: dict, got: bytes) -> str | None:
+        if len(got) not in (old, new):
+            return f"virtual size {len(got)}"
+        if got[:new] != below or any(got[new:]):
+            return "guest content changed"
+        return None
+
+    failures, n_images, epochs = _cut_every_epoch(tmp_path, initial, rec.log, first, judge)
+    print(f"\nshrink cut: log {len(rec.log) - first} entries, {epochs} epochs, {n_images} crash images")
+    assert not failures, "\n".join(failures[:8])
 
 
 # -- SIGKILL while growing through the mount ---------------------------------------------

@@ -8,6 +8,9 @@ Freeing is deferred: a cluster's refcount drops only after the reference that
 was removed is on disk (`release_pending`, called by the image after its tables
 are synced), so a crash can leak a cluster but never leave a live reference
 to a cluster with refcount 0.
+
+A free may ask for the host space back (QEMU's QCOW2_DISCARD_ALWAYS, as a shrink's
+frees do): the image punches those clusters out once their refcount 0 is on disk.
 """
 
 from __future__ import annotations
@@ -32,10 +35,23 @@ def alloc_contiguous(rc: RefcountStore, count: int) -> int:
         return start
 
 
+def cluster_runs(clusters: list[int]) -> list[tuple[int, int]]:
+    """(first, count) of each run of consecutive cluster indexes, in order: one punch
+    per run instead of one per cluster (as QEMU merges adjacent discards)."""
+    runs: list[tuple[int, int]] = []
+    for c in sorted(set(clusters)):
+        if runs and runs[-1][0] + runs[-1][1] == c:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((c, 1))
+    return runs
+
+
 class Allocator:
     def __init__(self, refcounts: RefcountStore) -> None:
         self.rc = refcounts
         self.pending_free: list[int] = []  # cluster indexes, one entry per reference dropped
+        self.pending_discard: set[int] = set()  # of those, the ones to punch out once free
 
     def alloc_run(self, want: int) -> tuple[int, int]:
         """Allocate up to `want` contiguous clusters: (first cluster index, count >= 1)."""
@@ -68,11 +84,15 @@ class Allocator:
         """One cluster (for an L2 table); returns its cluster index."""
         return self.alloc_run(1)[0]
 
-    def free_later(self, cluster: int) -> None:
+    def free_later(self, cluster: int, discard: bool = False) -> None:
         self.pending_free.append(cluster)
+        if discard:
+            self.pending_discard.add(cluster)
 
-    def release_pending(self) -> list[int]:
+    def release_pending(self, discard_all: bool = False) -> list[int]:
         """Drop the refcounts of references that are gone from disk; returns the
-        clusters that became free."""
+        clusters that became free and are to be punched out: those freed with
+        discard=True, or all of them with discard_all (detect-zeroes=unmap)."""
         pending, self.pending_free = self.pending_free, []
-        return [c for c in pending if self.rc.add(c, -1) == 0]
+        discard, self.pending_discard = self.pending_discard, set()
+        return [c for c in pending if self.rc.add(c, -1) == 0 and (discard_all or c in discard)]

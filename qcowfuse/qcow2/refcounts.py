@@ -147,6 +147,45 @@ class RefcountStore:
             except ValueError:
                 c = (b + 1) * epb
 
+    def last_used(self, below: int) -> int:
+        """Index of the last cluster below `below` with a non-zero refcount, or -1
+        (QEMU's qcow2_get_last_cluster); block-wise, from the end."""
+        epb = self.entries_per_block
+        for b in range(min(len(self.table), -(-below // epb)) - 1, -1, -1):
+            values = self.block(b)
+            if values is None:
+                continue
+            used = values[:min(epb, below - b * epb)].tobytes().rstrip(b"\0")
+            if used:
+                return b * epb + (len(used) - 1) // values.itemsize
+        return -1
+
+    def drop_unused_blocks(self) -> list[tuple[int, bool]]:
+        """Forget every refcount block that counts nothing but perhaps its own cluster
+        (QEMU's qcow2_shrink_reftable).  Their table entries become zero (dirty); each
+        returns as (cluster, counted elsewhere): free once its entry is zero on disk,
+        by a refcount drop in the block that counts it if that is another one."""
+        epb, cb = self.entries_per_block, self.cluster_bits
+        dropped = []
+        for b, off in enumerate(self.table):
+            if not off:
+                continue
+            values = self.block(b)
+            c = off >> cb
+            own = c // epb == b
+            used = len(values) - values.count(0)
+            if used > (1 if own and values[c % epb] else 0):
+                continue
+            self.table[b] = 0
+            self.dirty_table.add(b)
+            self.blocks.pop(b, None)
+            self.dirty_blocks.discard(b)
+            self.generation += 1
+            if own:
+                self.free_hint = min(self.free_hint, c)
+            dropped.append((c, not own))
+        return dropped
+
     def free_run(self, count: int, start: int | None = None) -> int:
         """First cluster index of `count` consecutive free clusters (block-wise scan,
         so even hostile refcounts cost one pass over the blocks, not one per cluster)."""

@@ -18,7 +18,10 @@ Shrinking is done only over space that holds no guest data (QEMU's --shrink
 discards whatever is there; a mounted disk must never lose data to a truncate):
 zero clusters past the new end are dropped, L2 tables wholly past it are freed
 after their L1 entries are zero on disk, and the L1 table keeps its size (as
-QEMU's qcow2_shrink_l1_table does).  Snapshots keep their own L1 tables and
+QEMU's qcow2_shrink_l1_table does).  The host space comes back as with QEMU: the
+freed clusters are punched out once their refcount 0 is on disk, refcount blocks
+left counting nothing are dropped, then the file is cut after the last cluster
+still in use.  Snapshots keep their own L1 tables and
 sizes; QEMU refuses to resize a v2 image with snapshots (their size is optional
 there), and so do we.
 """
@@ -69,6 +72,9 @@ def resize_image(img: ImageState, new_size: int) -> None:
             if img.bitmaps is not None:
                 img.bitmaps.resize(new_size)  # in memory; stored at close with the new size
             img.flush()  # everything the new size relies on, before the size itself
+            if new_size < img.size:
+                _drop_unused_refcount_blocks(img)
+                _give_back_tail(img)
             img.f.pwrite(OFF_SIZE, struct.pack(">Q", new_size))
             img.f.sync()
             img.header.size = img.size = new_size
@@ -256,7 +262,8 @@ def _fill_zero_flags(img: ImageState, table: array.array, start: int, end: int) 
 def _shrink(img: ImageState, new_size: int) -> None:
     """Drop what lies past new_size (zero clusters only: _refuse checked) and the L2
     tables wholly past it; the L1 entries are zero on disk before the tables are freed
-    (the caller's flush)."""
+    (the caller's flush), and the freed host clusters are punched out after that
+    (QEMU discards them with QCOW2_DISCARD_ALWAYS)."""
     cb = img.cluster_bits
     c_end = -(-new_size // img.cluster_size)
     bits, n = img.l2_bits, img.l2_entries
@@ -267,7 +274,7 @@ def _shrink(img: ImageState, new_size: int) -> None:
         if drop:
             table = img._l2_for_write(l1i)
             for i in drop:
-                img._release(_entry(img, table, i)[0])
+                img._release(_entry(img, table, i)[0], discard=True)
                 _set_entry(img, table, i, 0, 0)
             img.l2.mark_dirty(img._l2_offset(l1i))
     for l1i in range(-(-c_end // n), len(img.l1)):
@@ -281,9 +288,40 @@ def _shrink(img: ImageState, new_size: int) -> None:
         for i in range(n):
             entry = _entry(img, table, i)[0]
             if entry & L2E_OFFSET_MASK:
-                img._release(entry)
+                img._release(entry, discard=True)
         img.l2.forget(off)
         img.l1[l1i] = 0
         img.l1_dirty.add(l1i)
-        img.alloc.free_later(off >> cb)
+        img.alloc.free_later(off >> cb, discard=True)
     img._l1_generation += 1
+
+
+def _drop_unused_refcount_blocks(img: ImageState) -> None:
+    """Refcount blocks that count nothing any more go, as QEMU's shrink drops them
+    (qcow2_shrink_reftable), so the file can be cut before them: their table entries
+    are zero on disk before any of them is freed or punched out."""
+    dropped = img.rc.drop_unused_blocks()
+    if not dropped:
+        return
+    for c, counted_elsewhere in dropped:
+        if counted_elsewhere:
+            img.alloc.free_later(c, discard=True)  # punched by the flush, once free
+    img.flush()  # the table entries on disk before the blocks are free
+    for c, counted_elsewhere in dropped:
+        if not counted_elsewhere:  # free as soon as no table entry names it
+            img.f.punch_hole(c << img.cluster_bits, img.cluster_size)
+
+
+def _give_back_tail(img: ImageState) -> None:
+    """Cut the host file after the last cluster in use, as QEMU's shrink does
+    (qcow2_get_last_cluster, then a truncate whose failure only leaves a longer file).
+
+    Only after a flush: every reference the shrink dropped is gone from disk and the
+    refcounts that free those clusters are synced, so nothing on disk still uses a
+    cluster past the cut; a crash before the cut leaks, never corrupts.  The
+    metadata the image knows of bounds the cut too, whatever refcounts say."""
+    f, cb = img.f, img.cluster_bits
+    size = f.size()  # with the hole the file grows ahead (hostfile.PREALLOCATE_BYTES)
+    last = max(img.rc.last_used(-(-size >> cb)), max(img._metadata_set()))
+    if (last + 1) << cb < size:
+        f.truncate((last + 1) << cb)

@@ -22,6 +22,7 @@ import array
 import struct
 
 from ..errors import CorruptError, ReadOnlyError
+from .allocator import cluster_runs
 from .compressed import CompressedDescriptor
 from .header import AUTOCLEAR_BITMAPS, INCOMPAT_DIRTY, OFF_AUTOCLEAR_FEATURES
 from .tables import (
@@ -90,14 +91,15 @@ class WritePath:
         return bool(entry & QCOW_OFLAG_COPIED) or \
             self.rc.get((entry & L2E_OFFSET_MASK) >> self.cluster_bits) == 1
 
-    def _release(self, entry: int) -> None:
-        """Drop (after the next table sync) the reference an overwritten L2 entry held."""
+    def _release(self, entry: int, discard: bool = False) -> None:
+        """Drop (after the next table sync) the reference an overwritten L2 entry held;
+        discard: punch the host clusters out once they are free."""
         kind = classify(entry, self.version)
         if kind in (ClusterType.NORMAL, ClusterType.ZERO_ALLOC):
-            self.alloc.free_later((entry & L2E_OFFSET_MASK) >> self.cluster_bits)
+            self.alloc.free_later((entry & L2E_OFFSET_MASK) >> self.cluster_bits, discard)
         elif kind is ClusterType.COMPRESSED:
             for c in CompressedDescriptor.decode(entry, self.cluster_bits).host_clusters(self.cluster_bits):
-                self.alloc.free_later(c)
+                self.alloc.free_later(c, discard)
 
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> int:
         """Write guest bytes at offset; returns the number written (all of them)."""
@@ -305,10 +307,10 @@ class WritePath:
                 self.l1_dirty.clear()
                 f.sync()
             if self.alloc.pending_free:
-                freed = self.alloc.release_pending()  # references are gone from disk now
+                # references are gone from disk now; punched once their refcount 0 is too
+                freed = self.alloc.release_pending(self.detect_zeroes == "unmap")
                 self.rc.flush()
-                if self.detect_zeroes == "unmap":
-                    for c in freed:  # nothing can reuse them before this returns
-                        f.punch_hole(c << self.cluster_bits, self.cluster_size)
+                for c, n in cluster_runs(freed):  # nothing can reuse them before this returns
+                    f.punch_hole(c << self.cluster_bits, n << self.cluster_bits)
             if f.unsynced:
                 f.sync()
