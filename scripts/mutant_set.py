@@ -133,7 +133,7 @@ MUTANTS = [
            "a reused (freed) host cluster is zero-filled around a partial write"),
     # -- compressed clusters
     Mutant("compressed-not-released", WRITE,
-           "self.alloc.free_later(c)",
+           "self.alloc.free_later(c, discard)",
            "pass",
            ["tests/test_images.py::test_compressed_images"],
            "overwriting a compressed cluster releases its host clusters"),

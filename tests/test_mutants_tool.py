@@ -50,3 +50,22 @@ def test_mutants_tool_kills_and_fails_loudly_on_a_lost_anchor(tmp_path):
     assert r.returncode == 1 and "ANCHOR NOT FOUND" in r.stdout
     r = run_tool("--list")
     assert "flush-no-data-sync" in r.stdout
+
+
+def test_every_mutant_anchor_is_in_its_file_exactly_once():
+    """A change to the engine that moves a line a mutant names must move the mutant too
+    (otherwise the full mutation run reports it as an error, outside CI); and every test
+    a mutant names exists as a file."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        from mutant_set import MUTANTS
+    finally:
+        sys.path.pop(0)
+    problems = []
+    for m in MUTANTS:
+        count = (ROOT / m.file).read_text().count(m.find)
+        if count != 1:
+            problems.append(f"{m.name}: anchor found {count} times in {m.file}")
+        problems += [f"{m.name}: no test file {t}" for t in m.tests
+                     if not (ROOT / t.split("::")[0]).is_file()]
+    assert not problems, "\n".join(problems)
