@@ -107,9 +107,9 @@ class WritePath:
         length = len(view)
         if not self.writable:
             raise ReadOnlyError("image is open read-only")
-        if offset < 0 or offset + length > self.size:
-            raise ValueError(f"write of {length} bytes at {offset} is beyond the virtual size {self.size}")
-        with self._lock:
+        with self._lock:  # the size too: a resize in another thread may shrink it meanwhile
+            if offset < 0 or offset + length > self.size:
+                raise ValueError(f"write of {length} bytes at {offset} is beyond the virtual size {self.size}")
             if self._corrupt:
                 raise CorruptError("image was marked corrupt; writes are refused until it is repaired")
             try:
