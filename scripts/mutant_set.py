@@ -480,6 +480,13 @@ MUTANTS = [
            "        pass",
            ["tests/test_resize_space.py::test_truncate_through_mount_gives_space_back_and_grows_again"],
            "after the cut the file grows again from its new end (no stale preallocated tail)"),
+    Mutant("write-size-checked-before-lock", WRITE,
+           "with self._lock:  # the size too: a resize in another thread may shrink it meanwhile\n"
+           "            if offset < 0 or offset + length > self.size:",
+           "size = self.size\n        with self._lock:\n            if offset < 0 or offset + length > size:",
+           ["tests/test_engine.py::test_write_racing_a_shrink_from_another_thread_is_refused"],
+           "a write is checked against the virtual size under the image lock (a shrink in "
+           "another thread cannot slip in between)"),
     # -- persistent bitmaps, LUKS header, untrusted backing files
     Mutant("bitmaps-not-counted", CHK,
            "self.extra_ranges += [(r.offset, r.length) for r in img.bitmaps.references(self._structure_errors)]",

@@ -279,3 +279,48 @@ def test_concurrent_threads_at_cluster_and_l2_boundaries(tmp_path):
         assert not errors, errors
         assert img.read(0, size) == bytes(model)
     judge(path, model, tmp_path)
+
+
+def test_write_racing_a_shrink_from_another_thread_is_refused(tmp_path):
+    """A write checked against the old virtual size while another thread shrinks the disk
+    must be refused, not land past the new end: QEMU's grow (qemu-img resize) does not
+    clear what lies there, so the guest would read it back later.  Deterministic: the
+    writer is parked on the image lock while this thread, holding it, shrinks."""
+    import threading
+
+    MiB = 1 << 20
+    path = qemu.create(tmp_path / "t.qcow2", 8 * MiB)
+    errors: list[BaseException] = []
+    with Image.open(str(path), writable=True) as img:
+        img.write(0, b"\x01" * 4096)
+        real, parked = img._lock, threading.Event()
+
+        class ParkingLock:  # tells when the writer waits for the lock
+            def __enter__(self):
+                if threading.current_thread() is not threading.main_thread():
+                    parked.set()
+                return real.__enter__()
+
+            def __exit__(self, *exc):
+                return real.__exit__(*exc)
+
+        def writer() -> None:
+            try:
+                img.write(6 * MiB, b"\x77" * 4096)
+            except BaseException as e:  # judged below
+                errors.append(e)
+
+        with real:
+            img._lock = ParkingLock()
+            t = threading.Thread(target=writer)
+            t.start()
+            assert parked.wait(60), "the writer never reached the image lock"
+            img.resize(4 * MiB)
+        t.join()
+        img._lock = real
+    assert len(errors) == 1 and isinstance(errors[0], ValueError), errors
+    qemu.run("qemu-img", "resize", "-q", str(path), str(8 * MiB))
+    raw = tmp_path / "model.raw"
+    raw.write_bytes(b"\x01" * 4096 + bytes(8 * MiB - 4096))
+    qemu.assert_clean(path)
+    qemu.compare_raw(path, raw)

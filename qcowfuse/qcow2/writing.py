@@ -11,8 +11,8 @@ so a reference never reaches disk before the refcount that counts it, and
 guest data never after the L2 entry that maps it.  A crash may leak clusters;
 it cannot corrupt the image or lose anything written before a flush.
 
-Every written guest range is committed to the persistent bitmaps in one place
-(`_write_locked`).  A mixin of Image (qcowfuse/image.py), using its read path for
+Every written guest range is committed to the persistent bitmaps before its data is
+written: by the fast path for what it serves (fastpath.py), else in `_write_locked`.  A mixin of Image (qcowfuse/image.py), using its read path for
 copy-on-write content and its integrity guards before every data write.
 """
 
@@ -107,9 +107,9 @@ class WritePath:
         length = len(view)
         if not self.writable:
             raise ReadOnlyError("image is open read-only")
-        if offset < 0 or offset + length > self.size:
-            raise ValueError(f"write of {length} bytes at {offset} is beyond the virtual size {self.size}")
-        with self._lock:
+        with self._lock:  # the size too: a resize in another thread may shrink it meanwhile
+            if offset < 0 or offset + length > self.size:
+                raise ValueError(f"write of {length} bytes at {offset} is beyond the virtual size {self.size}")
             if self._corrupt:
                 raise CorruptError("image was marked corrupt; writes are refused until it is repaired")
             try:
