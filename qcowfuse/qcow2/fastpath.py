@@ -12,8 +12,8 @@ not cached, a write that allocates more than that one cluster, the first write o
 session), returns "not handled" having done nothing, and takes the general path
 (qcow2/reading.py, qcow2/writing.py), which owns every error.  The one check a fast
 in-place write needs, that guest data never lands on metadata or past the end of the
-file (QEMU's overlap check), is made here on the general path's metadata set; where it
-fails the fast path declines, so the general path raises and marks the image corrupt.
+file (QEMU's overlap check), is the general path's own predicate (_data_target_ok); where
+it fails the fast path declines, so the general path raises and marks the image corrupt.
 Extended L2 entries and detect-zeroes always take the general path.  Constants are
 derived once here, not per request.
 """
@@ -113,12 +113,8 @@ class FastPath:
         host = self._host(offset, length, True)
         if host < 0:
             return host == FRESH and self._write_fresh(offset, view)
-        # QEMU's overlap check, as the general path's _check_data_target
-        first, last = host >> self.cluster_bits, (host + length - 1) >> self.cluster_bits
-        meta = img._metadata_set()
-        if (last + 1) << self.cluster_bits > img.f.end() or (
-                not meta.isdisjoint(range(first, last + 1)) if last > first else first in meta):
-            return False
+        if not img._data_target_ok(host >> self.cluster_bits, (host + length - 1) >> self.cluster_bits):
+            return False  # the general path's _check_data_target refuses it
         if img.bitmaps is not None:
             img.bitmaps.mark(offset, length)
         img.f.pwrite(host, view)

@@ -65,14 +65,21 @@ class Integrity:
             self._meta_key = key
         return self._meta
 
+    def _data_target_ok(self, first: int, last: int) -> bool:
+        """Guest data may go to host clusters first..last: none is metadata (QEMU's overlap
+        check) and none lies past the end of the file.  Per request: one C call."""
+        meta = self._metadata_set()
+        return (last + 1) << self.cluster_bits <= self.f.end() and (
+            first not in meta if first == last else meta.isdisjoint(range(first, last + 1)))
+
     def _check_data_target(self, first: int, count: int) -> None:
         """Refuse guest data headed for metadata or for a cluster past the end of the file."""
-        meta = self._metadata_set()
-        if not meta.isdisjoint(range(first, first + count)):  # one C call per request
-            c = min(meta.intersection(range(first, first + count)))
-            raise CorruptError(f"data cluster {c} overlaps metadata; refusing to overwrite it")
-        if (first + count) << self.cluster_bits > self.f.end():
-            raise CorruptError(f"data cluster {first + count - 1} lies past the end of the image file")
+        if self._data_target_ok(first, first + count - 1):
+            return
+        overlap = self._metadata_set().intersection(range(first, first + count))
+        if overlap:
+            raise CorruptError(f"data cluster {min(overlap)} overlaps metadata; refusing to overwrite it")
+        raise CorruptError(f"data cluster {first + count - 1} lies past the end of the image file")
 
     def _check_metadata_refcounts(self) -> None:
         """Metadata with refcount 0 (OpenBSD vmd's bug) would be handed out as free space

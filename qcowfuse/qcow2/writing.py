@@ -12,8 +12,9 @@ guest data never after the L2 entry that maps it.  A crash may leak clusters;
 it cannot corrupt the image or lose anything written before a flush.
 
 Every written guest range is committed to the persistent bitmaps before its data is
-written: by the fast path for what it serves (fastpath.py), else in `_write_locked`.  A mixin of Image (qcowfuse/image.py), using its read path for
-copy-on-write content and its integrity guards before every data write.
+written: by the fast path for what it serves (fastpath.py), else in `_write_locked`.
+A mixin of Image (qcowfuse/image.py), using its read path for copy-on-write content
+and its integrity guards before every data write.
 """
 
 from __future__ import annotations
