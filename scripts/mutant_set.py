@@ -470,6 +470,12 @@ MUTANTS = [
            "pass",
            ["tests/test_crash_resize.py::test_power_cut_at_every_step_of_a_shrink_giving_space_back"],
            "an emptied refcount block is punched only after its table entry is zero on disk"),
+    Mutant("resize-shrink-counted-refblock-freed-early", "qcowfuse/qcow2/resize.py",
+           "img.alloc.free_later(c, discard=True)  # punched by the flush, once free",
+           "img.rc.add(c, -1)",
+           ["tests/test_crash_resize.py::test_power_cut_in_a_shrink_dropping_a_refcount_block_counted_by_another"],
+           "a dropped refcount block counted by another block loses that count only after "
+           "its table entry is zero on disk"),
     Mutant("resize-shrink-keeps-empty-refblocks", RC,
            "            if used > (1 if own and values[c % epb] else 0):",
            "            if True:",

@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 import qemu
+from rawqcow2 import RefcountView
 from qcowfuse import Image
 from qcowfuse.hostfile import HostFile
 from test_crash import (SECTOR, SEED, GuestWrite, RecordingFile, Truncate, Workload, _after_kill,
@@ -195,6 +196,50 @@ def test_power_cut_at_every_step_of_a_shrink_giving_space_back(tmp_path):
 
     failures, n_images, epochs = _cut_every_epoch(tmp_path, initial, rec.log, first, judge)
     print(f"\nshrink cut: log {len(rec.log) - first} entries, {epochs} epochs, {n_images} crash images")
+    assert not failures, "\n".join(failures[:8])
+
+
+def test_power_cut_in_a_shrink_dropping_a_refcount_block_counted_by_another(tmp_path):
+    """The shrink empties a refcount block that lives in the range of another block (a
+    run that crossed into a new block's range put the block at the run's start): its
+    table entry is synced zero, then its refcount in the other block drops (QEMU's
+    qcow2_shrink_reftable order).  Cut at every subset of every epoch: QEMU finds no
+    corruption, the size is the old or the new one, the data below the cut intact."""
+    cs, old, new = 512, 4 * MiB, 1 * MiB
+    path = qemu.create(tmp_path / "d.qcow2", old, cs, 64)  # 64 clusters per refcount block
+    with Image.open(str(path), writable=True) as img:
+        img.write(0, b"\x11" * (20 * KiB))
+        img.write(3 * MiB, b"\x12" * (16 * KiB))  # crosses into block 1's range: block 1 at its start
+    qemu.qemu_io(path, "write -z 3M 16k")  # zero clusters keeping their host clusters
+    view = RefcountView(path)
+    assert view.table[1] and view.table[1] // cs // view.per_block == 0, \
+        f"refcount block 1 is not in block 0's range: {view.table[:2]}"
+    initial = path.read_bytes()
+    ref = tmp_path / "qemu.qcow2"
+    ref.write_bytes(initial)
+    qemu.run("qemu-img", "resize", "-q", "--shrink", str(ref), str(new))
+    rec = RecordingFile(HostFile.open(str(path), True))
+    img = Image.open_file(rec, writable=True)
+    try:
+        first = len(rec.log)
+        img.resize(new)
+        assert len(img.rc.table) < 2 or not img.rc.table[1], "refcount block 1 was not dropped"
+    finally:
+        img.close()
+    qemu.assert_clean(path)
+    assert path.stat().st_size <= ref.stat().st_size
+    below = b"\x11" * (20 * KiB) + bytes(new - 20 * KiB)
+
+    def judge(crash_path: Path, info: dict, got: bytes) -> str | None:
+        if len(got) not in (old, new):
+            return f"virtual size {len(got)}"
+        if got[:new] != below or any(got[new:]):
+            return "guest content changed"
+        return None
+
+    failures, n_images, epochs = _cut_every_epoch(tmp_path, initial, rec.log, first, judge)
+    print(f"\nshrink dropping a block counted elsewhere: log {len(rec.log) - first} entries, "
+          f"{epochs} epochs, {n_images} crash images")
     assert not failures, "\n".join(failures[:8])
 
 
