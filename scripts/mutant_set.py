@@ -476,6 +476,11 @@ MUTANTS = [
            ["tests/test_crash_resize.py::test_power_cut_in_a_shrink_dropping_a_refcount_block_counted_by_another"],
            "a dropped refcount block counted by another block loses that count only after "
            "its table entry is zero on disk"),
+    Mutant("resize-shrink-cut-trusts-refcounts-only", "qcowfuse/qcow2/resize.py",
+           "max(img._metadata_set()), mapped)",
+           "max(img._metadata_set()))",
+           ["tests/test_resize_space.py::test_shrink_never_cuts_off_mapped_data_whose_refcount_is_zero"],
+           "the cut after a shrink keeps every cluster an L2 table maps, even one with refcount 0"),
     Mutant("resize-shrink-keeps-empty-refblocks", RC,
            "            if used > (1 if own and values[c % epb] else 0):",
            "            if True:",

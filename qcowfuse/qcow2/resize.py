@@ -318,10 +318,19 @@ def _give_back_tail(img: ImageState) -> None:
 
     Only after a flush: every reference the shrink dropped is gone from disk and the
     refcounts that free those clusters are synced, so nothing on disk still uses a
-    cluster past the cut; a crash before the cut leaks, never corrupts.  The
-    metadata the image knows of bounds the cut too, whatever refcounts say."""
+    cluster past the cut; a crash before the cut leaks, never corrupts.  Unlike QEMU,
+    the cut also stops after the metadata the image knows of and after every cluster
+    an L2 table maps, whatever refcounts say: on a damaged image (mapped data with
+    refcount 0) a cut by refcounts alone would lose what a repair could still save."""
+    import numpy as np  # loaded only here: the daemon starts without it
+
+    from .scan import last_mapped_cluster, read_words
+
     f, cb = img.f, img.cluster_bits
     size = f.size()  # with the hole the file grows ahead (hostfile.PREALLOCATE_BYTES)
-    last = max(img.rc.last_used(-(-size >> cb)), max(img._metadata_set()))
+    l1_tables = [np.array(img.l1, dtype=np.uint64)]
+    l1_tables += [read_words(f, s.l1_table_offset, s.l1_size) for s in img.snapshots]
+    mapped = last_mapped_cluster(f, l1_tables, cb, img.header.extended_l2)
+    last = max(img.rc.last_used(-(-size >> cb)), max(img._metadata_set()), mapped)
     if (last + 1) << cb < size:
         f.truncate((last + 1) << cb)
