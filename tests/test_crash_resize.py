@@ -169,10 +169,7 @@ def test_power_cut_at_every_step_of_a_shrink_giving_space_back(tmp_path):
     # the last refcount block comes to count only clusters past the cut, and itself
     qemu.qemu_io(path, "write -P 0x12 3M 2k", "write -P 0x11 0 20k", "write -P 0x13 2M 8k",
                  "write -z 2M 8k", "write -z 3M 2k")
-    initial = path.read_bytes()
-    ref = tmp_path / "qemu.qcow2"
-    ref.write_bytes(initial)
-    qemu.run("qemu-img", "resize", "-q", "--shrink", str(ref), str(new))
+    initial, ref = _with_a_copy_qemu_shrank(tmp_path, path, new)
     rec = RecordingFile(HostFile.open(str(path), True))
     img = Image.open_file(rec, writable=True)
     try:
@@ -186,7 +183,22 @@ def test_power_cut_at_every_step_of_a_shrink_giving_space_back(tmp_path):
     assert path.stat().st_size <= ref.stat().st_size  # the emptied refcount block went too
     below = bytearray(b"\x11" * (20 * KiB)) + bytes(new - 20 * KiB)
     below[100:800] = b"\x14" * 700
+    _cut_every_epoch_of_a_shrink(tmp_path, initial, rec.log, first, old, new, bytes(below), "shrink cut")
 
+
+def _with_a_copy_qemu_shrank(tmp_path: Path, path: Path, new: int) -> tuple[bytes, Path]:
+    """The image's bytes before the shrink, and a copy shrunk by qemu-img (to compare sizes)."""
+    initial = path.read_bytes()
+    ref = tmp_path / "qemu.qcow2"
+    ref.write_bytes(initial)
+    qemu.run("qemu-img", "resize", "-q", "--shrink", str(ref), str(new))
+    return initial, ref
+
+
+def _cut_every_epoch_of_a_shrink(tmp_path: Path, initial: bytes, log: list, first: int, old: int,
+                                 new: int, below: bytes, what: str) -> None:
+    """Every crash image of the shrink's epochs: the old size or the new one, the guest
+    `below` the new end unchanged, zeros past it."""
     def judge(crash_path: Path, info: dict, got: bytes) -> str | None:
         if len(got) not in (old, new):
             return f"virtual size {len(got)}"
@@ -194,8 +206,8 @@ def test_power_cut_at_every_step_of_a_shrink_giving_space_back(tmp_path):
             return "guest content changed"
         return None
 
-    failures, n_images, epochs = _cut_every_epoch(tmp_path, initial, rec.log, first, judge)
-    print(f"\nshrink cut: log {len(rec.log) - first} entries, {epochs} epochs, {n_images} crash images")
+    failures, n_images, epochs = _cut_every_epoch(tmp_path, initial, log, first, judge)
+    print(f"\n{what}: log {len(log) - first} entries, {epochs} epochs, {n_images} crash images")
     assert not failures, "\n".join(failures[:8])
 
 
@@ -214,10 +226,7 @@ def test_power_cut_in_a_shrink_dropping_a_refcount_block_counted_by_another(tmp_
     view = RefcountView(path)
     assert view.table[1] and view.table[1] // cs // view.per_block == 0, \
         f"refcount block 1 is not in block 0's range: {view.table[:2]}"
-    initial = path.read_bytes()
-    ref = tmp_path / "qemu.qcow2"
-    ref.write_bytes(initial)
-    qemu.run("qemu-img", "resize", "-q", "--shrink", str(ref), str(new))
+    initial, ref = _with_a_copy_qemu_shrank(tmp_path, path, new)
     rec = RecordingFile(HostFile.open(str(path), True))
     img = Image.open_file(rec, writable=True)
     try:
@@ -229,18 +238,8 @@ def test_power_cut_in_a_shrink_dropping_a_refcount_block_counted_by_another(tmp_
     qemu.assert_clean(path)
     assert path.stat().st_size <= ref.stat().st_size
     below = b"\x11" * (20 * KiB) + bytes(new - 20 * KiB)
-
-    def judge(crash_path: Path, info: dict, got: bytes) -> str | None:
-        if len(got) not in (old, new):
-            return f"virtual size {len(got)}"
-        if got[:new] != below or any(got[new:]):
-            return "guest content changed"
-        return None
-
-    failures, n_images, epochs = _cut_every_epoch(tmp_path, initial, rec.log, first, judge)
-    print(f"\nshrink dropping a block counted elsewhere: log {len(rec.log) - first} entries, "
-          f"{epochs} epochs, {n_images} crash images")
-    assert not failures, "\n".join(failures[:8])
+    _cut_every_epoch_of_a_shrink(tmp_path, initial, rec.log, first, old, new, below,
+                                 "shrink dropping a block counted elsewhere")
 
 
 # -- SIGKILL while growing through the mount ---------------------------------------------
