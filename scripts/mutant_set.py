@@ -491,6 +491,13 @@ MUTANTS = [
            "        pass",
            ["tests/test_resize_space.py::test_truncate_through_mount_gives_space_back_and_grows_again"],
            "after the cut the file grows again from its new end (no stale preallocated tail)"),
+    Mutant("read-size-clipped-before-lock", READ,
+           "        with self._lock:  # the size too: a resize in another thread may shrink it meanwhile\n"
+           "            length = max(0, min(length, self.size - offset))\n",
+           "        length = max(0, min(length, self.size - offset))\n"
+           "        with self._lock:\n",
+           ["tests/test_engine.py::test_read_racing_a_shrink_from_another_thread_is_clipped_at_the_new_end"],
+           "a read is clipped at the virtual size under the image lock (a racing shrink)"),
     Mutant("write-size-checked-before-lock", WRITE,
            "with self._lock:  # the size too: a resize in another thread may shrink it meanwhile\n"
            "            if offset < 0 or offset + length > self.size:",

@@ -281,46 +281,67 @@ def test_concurrent_threads_at_cluster_and_l2_boundaries(tmp_path):
     judge(path, model, tmp_path)
 
 
+def _shrink_while_parked(img: Image, new_size: int, action) -> list:
+    """Run `action` in another thread and, once it waits for the image lock (held here),
+    shrink the disk to new_size; returns [what action returned, or the exception]."""
+    import threading
+
+    real, parked, out = img._lock, threading.Event(), []
+
+    class ParkingLock:  # tells when the other thread waits for the lock
+        def __enter__(self):
+            if threading.current_thread() is not threading.main_thread():
+                parked.set()
+            return real.__enter__()
+
+        def __exit__(self, *exc):
+            return real.__exit__(*exc)
+
+    def run() -> None:
+        try:
+            out.append(action())
+        except BaseException as e:  # judged by the caller
+            out.append(e)
+
+    with real:
+        img._lock = ParkingLock()
+        t = threading.Thread(target=run)
+        t.start()
+        assert parked.wait(60), "the other thread never reached the image lock"
+        img.resize(new_size)
+    t.join()
+    img._lock = real
+    return out
+
+
 def test_write_racing_a_shrink_from_another_thread_is_refused(tmp_path):
     """A write checked against the old virtual size while another thread shrinks the disk
     must be refused, not land past the new end: QEMU's grow (qemu-img resize) does not
     clear what lies there, so the guest would read it back later.  Deterministic: the
     writer is parked on the image lock while this thread, holding it, shrinks."""
-    import threading
-
     MiB = 1 << 20
     path = qemu.create(tmp_path / "t.qcow2", 8 * MiB)
-    errors: list[BaseException] = []
     with Image.open(str(path), writable=True) as img:
         img.write(0, b"\x01" * 4096)
-        real, parked = img._lock, threading.Event()
-
-        class ParkingLock:  # tells when the writer waits for the lock
-            def __enter__(self):
-                if threading.current_thread() is not threading.main_thread():
-                    parked.set()
-                return real.__enter__()
-
-            def __exit__(self, *exc):
-                return real.__exit__(*exc)
-
-        def writer() -> None:
-            try:
-                img.write(6 * MiB, b"\x77" * 4096)
-            except BaseException as e:  # judged below
-                errors.append(e)
-
-        with real:
-            img._lock = ParkingLock()
-            t = threading.Thread(target=writer)
-            t.start()
-            assert parked.wait(60), "the writer never reached the image lock"
-            img.resize(4 * MiB)
-        t.join()
-        img._lock = real
+        errors = _shrink_while_parked(img, 4 * MiB, lambda: img.write(6 * MiB, b"\x77" * 4096))
     assert len(errors) == 1 and isinstance(errors[0], ValueError), errors
     qemu.run("qemu-img", "resize", "-q", str(path), str(8 * MiB))
     raw = tmp_path / "model.raw"
     raw.write_bytes(b"\x01" * 4096 + bytes(8 * MiB - 4096))
     qemu.assert_clean(path)
     qemu.compare_raw(path, raw)
+
+
+def test_read_racing_a_shrink_from_another_thread_is_clipped_at_the_new_end(tmp_path):
+    """A read checked against the old virtual size while another thread shrinks the disk
+    returns what a read at the new size returns (nothing past the end), not a plan made
+    for the old size over tables the shrink has cut.  512 B clusters: the L1 table
+    shrinks with the disk.  Deterministic, as the write race above."""
+    MiB = 1 << 20
+    path = qemu.create(tmp_path / "r.qcow2", 8 * MiB, 512)
+    with Image.open(str(path), writable=True) as img:
+        img.write(0, b"\x01" * 4096)
+        img._fast.reads = False  # the general path (the fast path checks under the lock)
+        got = _shrink_while_parked(img, 4 * MiB, lambda: img.read(6 * MiB, 4096))
+    assert got == [b""], got
+    qemu.assert_clean(path)

@@ -80,8 +80,8 @@ class ReadPath:
             return data
         if offset < 0 or length < 0:
             raise ValueError("negative offset or length")
-        length = max(0, min(length, self.size - offset))
-        with self._lock:
+        with self._lock:  # the size too: a resize in another thread may shrink it meanwhile
+            length = max(0, min(length, self.size - offset))
             plan = self._read_plan(offset, length)
             if not plan:
                 return bytes(length)  # zeros
