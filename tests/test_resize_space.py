@@ -5,10 +5,12 @@ with qemu-img check (clean, no leaks) and qemu-img compare against a model."""
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
+import sys
 from pathlib import Path
+
+import pytest
 
 import qemu
 from conftest import run_cli
@@ -84,24 +86,56 @@ def test_truncate_through_mount_gives_space_back_and_grows_again(tmp_path, mount
     assert os.stat(path).st_size == qemu.check(path)["image-end-offset"]
 
 
-def test_shrink_never_cuts_off_mapped_data_whose_refcount_is_zero(tmp_path):
+@pytest.mark.parametrize("kind", ["data", "compressed"])
+def test_shrink_never_cuts_off_mapped_data_whose_refcount_is_zero(tmp_path, kind):
     """An image already damaged so that the last data cluster of the file has refcount 0
-    while an L2 entry maps it (qemu-img check: corrupt): the cut after a shrink
-    must stop after the last cluster anything maps, not only the last one counted, or
-    the guest data there is gone for good (`qemu-img check -r all` could still rebuild
-    its refcount).  Judged by qemu-io read -P and qemu-img check before and after."""
+    while an L2 entry maps it (qemu-img check: corrupt): the cut after a shrink must stop
+    after the last cluster anything maps, not only the last one counted, or the guest
+    data there is gone for good (`qemu-img check -r all` could still rebuild its
+    refcount).  Judged by qemu-io read -P and qemu-img check before and after.  The shrink
+    runs in a fresh process, which must not have loaded numpy (the daemon's RSS)."""
     from rawqcow2 import RefcountView
 
     path = qemu.create(tmp_path / "z.qcow2", OLD, CS)
-    qemu.qemu_io(path, "write -P 0x51 0 64k", "write -P 0x52 1M 64k", "write -P 0x53 12M 4k",
-                 "write -z 12M 4k")
-    extents = json.loads(qemu.run("qemu-img", "map", "--output=json", str(path)).stdout)
-    host = max(e["offset"] + e["length"] for e in extents if e.get("data") and "offset" in e) - CS
-    RefcountView(path).set_refcount(host // CS, 0)  # the mapped cluster at the end of the file
+    qemu.qemu_io(path, "write -P 0x51 0 64k", "write -P 0x53 12M 4k", "write -z 12M 4k",
+                 "write -c -P 0x52 1M 64k" if kind == "compressed" else "write -P 0x52 1M 64k")
+    last = (path.stat().st_size - 1) // CS  # the 1M write went last: the end of the file
+    RefcountView(path).set_refcount(last, 0)
     before = qemu.check(path)
-    assert before["corruptions"] >= 1, before["text"]  # refcount 0 (and COPIED on it)
-    r = run_cli("resize", "--shrink", str(path), f"-{OLD - NEW}")
+    assert before["corruptions"] >= 1 and f"cluster {last} refcount=0" in before["text"], before["text"]
+    code = ("import sys; from qcowfuse import Image\n"
+            f"with Image.open({str(path)!r}, writable=True) as img: img.resize({NEW})\n"
+            "assert 'numpy' not in sys.modules, 'a shrink loaded numpy'")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     qemu.qemu_io(path, "read -P 0x51 0 64k", "read -P 0x52 1M 64k", read_only=True)
     after = qemu.check(path)
     assert after["corruptions"] <= before["corruptions"], after["text"]
+
+
+def test_shrink_of_a_compressed_image_still_gives_the_tail_back(tmp_path):
+    """Compressed data below the new end, preallocated zeros past it at the end of the
+    file: the cut (bounded by every cluster an L2 table maps, compressed spans read from
+    their descriptors) leaves a file no larger than `qemu-img resize --shrink` does.
+    64 KiB clusters and data that compresses to ~half: a descriptor's sector count then
+    reaches below bit 56, where a misread descriptor would look like a far offset."""
+    import random
+
+    rnd = random.Random(7)
+    raw = tmp_path / "m.raw"
+    model = bytearray(OLD)
+    model[0:65536] = b"\x51" * 65536
+    model[MiB:MiB + 4 * 65536] = bytes(rnd.choice(b"0123456789abcdef") for _ in range(4 * 65536))
+    raw.write_bytes(model)
+    path = tmp_path / "c.qcow2"
+    qemu.run("qemu-img", "convert", "-q", "-c", "-f", "raw", "-O", "qcow2", str(raw), str(path))
+    qemu.qemu_io(path, "write -P 0x53 12M 64k", "write -z 12M 64k")
+    ref = tmp_path / "qemu.qcow2"
+    subprocess.run(["cp", "--sparse=always", str(path), str(ref)], check=True)
+    qemu.run("qemu-img", "resize", "-q", "--shrink", str(ref), str(NEW))
+    r = run_cli("resize", "--shrink", str(path), f"-{OLD - NEW}")
+    assert r.returncode == 0, r.stderr
+    qemu.assert_clean(path)
+    raw.write_bytes(model[:NEW])
+    qemu.compare_raw(path, raw)
+    assert path.stat().st_size <= ref.stat().st_size, (path.stat().st_size, ref.stat().st_size)

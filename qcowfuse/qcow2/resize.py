@@ -37,7 +37,7 @@ from ..errors import CorruptError, ReadOnlyError, ResizeError
 from .header import MAX_HOST_OFFSET, MAX_L1_BYTES
 from .l1 import grow_l1_table, l1_entries_for
 from .tables import (L1E_OFFSET_MASK, L2E_OFFSET_MASK, QCOW_OFLAG_COMPRESSED, QCOW_OFLAG_ZERO,
-                           ClusterType, classify)
+                           ClusterType, classify, decode_table, last_mapped_cluster)
 
 if TYPE_CHECKING:
     from .state import ImageState
@@ -312,6 +312,24 @@ def _drop_unused_refcount_blocks(img: ImageState) -> None:
             img.f.punch_hole(c << img.cluster_bits, img.cluster_size)
 
 
+def _last_mapped(img: ImageState) -> int:
+    """Highest host cluster an L2 table of the image maps (active and snapshot tables, as
+    on disk: after a flush); -1 if none.  Without numpy: a shrink through the mount must
+    not load it into the daemon (16 MiB of RSS)."""
+    f, cb = img.f, img.cluster_bits
+    l1s = [img.l1]
+    for snap in img.snapshots:
+        raw = f.pread_upto(snap.l1_table_offset, 8 * snap.l1_size)
+        l1s.append(decode_table(raw[:len(raw) // 8 * 8]))
+    tables = {e & L1E_OFFSET_MASK for l1 in l1s for e in l1} - {0}
+    last = -1
+    for off in sorted(tables):
+        raw = f.pread_upto(off, img.cluster_size)
+        raw += bytes(img.cluster_size - len(raw))  # past the end of the file: zeros, as QEMU reads
+        last = max(last, last_mapped_cluster(raw, cb, img.header.extended_l2))
+    return last
+
+
 def _give_back_tail(img: ImageState) -> None:
     """Cut the host file after the last cluster in use, as QEMU's shrink does
     (qcow2_get_last_cluster, then a truncate whose failure only leaves a longer file).
@@ -322,15 +340,8 @@ def _give_back_tail(img: ImageState) -> None:
     the cut also stops after the metadata the image knows of and after every cluster
     an L2 table maps, whatever refcounts say: on a damaged image (mapped data with
     refcount 0) a cut by refcounts alone would lose what a repair could still save."""
-    import numpy as np  # loaded only here: the daemon starts without it
-
-    from .scan import last_mapped_cluster, read_words
-
     f, cb = img.f, img.cluster_bits
     size = f.size()  # with the hole the file grows ahead (hostfile.PREALLOCATE_BYTES)
-    l1_tables = [np.array(img.l1, dtype=np.uint64)]
-    l1_tables += [read_words(f, s.l1_table_offset, s.l1_size) for s in img.snapshots]
-    mapped = last_mapped_cluster(f, l1_tables, cb, img.header.extended_l2)
-    last = max(img.rc.last_used(-(-size >> cb)), max(img._metadata_set()), mapped)
+    last = max(img.rc.last_used(-(-size >> cb)), max(img._metadata_set()), _last_mapped(img))
     if (last + 1) << cb < size:
         f.truncate((last + 1) << cb)

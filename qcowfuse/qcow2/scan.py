@@ -157,26 +157,6 @@ def compressed_ranges(entry: np.ndarray, cluster_bits: int) -> tuple[np.ndarray,
     return offset, sectors * u64(512) - (offset & u64(511))
 
 
-def last_mapped_cluster(f: HostFile, l1_tables: Sequence[np.ndarray], cluster_bits: int,
-                        extended: bool) -> int:
-    """Highest host cluster that an entry of the L2 tables these L1 tables name maps
-    (data, preallocated zeros, or the last sector of compressed data); -1 if none.
-    Reads the tables from the file: flush first."""
-    named = [t & u64(OFFSET_MASK) for t in l1_tables if len(t)]
-    tables = np.unique(np.concatenate(named)) if named else np.zeros(0, U64)
-    last = -1
-    for _, batch in TableReader(f, 1 << cluster_bits).batches(tables[tables != 0].tolist()):
-        entry = l2_entries(batch, extended).entry
-        compressed = (entry & u64(OFLAG_COMPRESSED)) != 0
-        plain = entry[~compressed] & u64(OFFSET_MASK)
-        if len(plain):
-            last = max(last, int(plain.max()) >> cluster_bits)
-        if compressed.any():
-            offset, length = compressed_ranges(entry[compressed], cluster_bits)
-            last = max(last, int((offset + length - u64(1)).max()) >> cluster_bits)
-    return last
-
-
 # -- refcount blocks ------------------------------------------------------------------
 
 _WIDE = {8: np.dtype(">u1"), 16: np.dtype(">u2"), 32: np.dtype(">u4"), 64: np.dtype(">u8")}
