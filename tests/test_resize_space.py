@@ -28,10 +28,15 @@ def _image_and_qemu_copy(tmp_path: Path) -> tuple[Path, Path]:
     path = qemu.create(tmp_path / "t.qcow2", OLD, CS)
     qemu.qemu_io(path, "write -P 0x41 12M 2M", "write -P 0x42 0 1M", "write -P 0x43 14M 1M",
                  "write -z 12M 4M")
+    return path, _qemu_shrunk_copy(tmp_path, path)
+
+
+def _qemu_shrunk_copy(tmp_path: Path, path: Path) -> Path:
+    """A sparse copy of the image, shrunk to NEW by qemu-img: what to compare space with."""
     ref = tmp_path / "qemu.qcow2"
     subprocess.run(["cp", "--sparse=always", str(path), str(ref)], check=True)
     qemu.run("qemu-img", "resize", "-q", "--shrink", str(ref), str(NEW))
-    return path, ref
+    return ref
 
 
 def _assert_space_no_worse_than_qemu(path: Path, ref: Path) -> None:
@@ -130,12 +135,11 @@ def test_shrink_of_a_compressed_image_still_gives_the_tail_back(tmp_path):
     path = tmp_path / "c.qcow2"
     qemu.run("qemu-img", "convert", "-q", "-c", "-f", "raw", "-O", "qcow2", str(raw), str(path))
     qemu.qemu_io(path, "write -P 0x53 12M 64k", "write -z 12M 64k")
-    ref = tmp_path / "qemu.qcow2"
-    subprocess.run(["cp", "--sparse=always", str(path), str(ref)], check=True)
-    qemu.run("qemu-img", "resize", "-q", "--shrink", str(ref), str(NEW))
+    subprocess.run(["fallocate", "--dig-holes", str(path)], check=True)  # as sparse as the copy
+    ref = _qemu_shrunk_copy(tmp_path, path)
     r = run_cli("resize", "--shrink", str(path), f"-{OLD - NEW}")
     assert r.returncode == 0, r.stderr
     qemu.assert_clean(path)
     raw.write_bytes(model[:NEW])
     qemu.compare_raw(path, raw)
-    assert path.stat().st_size <= ref.stat().st_size, (path.stat().st_size, ref.stat().st_size)
+    _assert_space_no_worse_than_qemu(path, ref)

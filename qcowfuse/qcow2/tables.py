@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import array
 import enum
+import struct
 import sys
 from collections import OrderedDict
 
@@ -58,26 +59,23 @@ _COMPRESSED_TOP = bytes(1 if b & (QCOW_OFLAG_COMPRESSED >> 56) else 0 for b in r
 
 def last_mapped_cluster(raw: bytes, cluster_bits: int, extended: bool) -> int:
     """Highest host cluster the L2 table `raw` (big-endian, as on disk) maps: data,
-    preallocated zeros, or the last sector of compressed data; -1 if none.  Done in C
-    (bytes slicing, translate, max) but for compressed entries: no numpy needed."""
+    preallocated zeros, or the last sector of compressed data; -1 if none.  Without
+    numpy: a table without compressed entries costs bytes slicing and max, in C."""
     stride = 16 if extended else 8  # extended: descriptor, then the subcluster bitmap
-    plain = bytearray(raw)
-    plain[0::8] = bytes(len(raw) // 8)  # without bits 56-63 (flags), what is left is the offset
-    last = -1
-    compressed = raw[0::stride].translate(_COMPRESSED_TOP)
-    x = 62 - (cluster_bits - 8)  # spec: "Compressed Clusters Descriptor"
-    i = compressed.find(1)
-    while i >= 0:
-        at = i * stride
-        e = int.from_bytes(raw[at:at + 8], "big")
-        offset = e & ((1 << x) - 1)
-        sectors = ((e >> x) & ((1 << (cluster_bits - 8)) - 1)) + 1
-        last = max(last, (offset + sectors * 512 - (offset & 511) - 1) >> cluster_bits)
-        plain[at:at + 8] = bytes(8)
-        i = compressed.find(1, i + 1)
-    t = decode_table(bytes(plain))
-    top = max(t[0::2] if extended else t, default=0) & L2E_OFFSET_MASK
-    return max(last, top >> cluster_bits if top else -1)
+    if 1 not in raw[0::stride].translate(_COMPRESSED_TOP):
+        plain = bytearray(raw)
+        plain[0::8] = bytes(len(raw) // 8)  # without bits 56-63 (flags) what is left is the offset
+        t = decode_table(plain)
+        top = max(t[0::2] if extended else t, default=0) & L2E_OFFSET_MASK
+        return top >> cluster_bits if top else -1
+    entries = struct.unpack(f">{len(raw) // 8}Q", raw)[0::stride // 8]
+    top = max((e & L2E_OFFSET_MASK for e in entries if not e & QCOW_OFLAG_COMPRESSED), default=0)
+    # spec, "Compressed Clusters Descriptor": offset in bits 0..x-1, sectors - 1 above it; the
+    # data ends in the last of those 512-byte sectors, counted from the offset's own sector
+    x = 62 - (cluster_bits - 8)
+    omask, smask = (1 << x) - 1, (1 << (cluster_bits - 8)) - 1
+    end = max(((e & omask) >> 9) + ((e >> x) & smask) + 1 for e in entries if e & QCOW_OFLAG_COMPRESSED)
+    return max(top >> cluster_bits if top else -1, ((end << 9) - 1) >> cluster_bits)
 
 
 def encode_table(t: array.array) -> bytes:
