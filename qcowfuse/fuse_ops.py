@@ -5,7 +5,8 @@ mounted on a directory, the root holds exactly one file, `<name>`.
 
 Handlers call the engine inline (no thread hop: measured ~60x the cost of a
 page-cached pread here), so requests run one at a time and the engine's
-metadata updates never interleave.  Engine errors become errnos; a corrupt
+metadata updates never interleave; reads and writes use the image's unlocked
+pair (`unlocked_io`), which that single thread allows.  Engine errors become errnos; a corrupt
 table costs EIO for that request only.
 """
 
@@ -15,7 +16,7 @@ import errno
 import logging
 import os
 import stat
-from typing import Protocol
+from typing import Callable, Protocol
 
 import pyfuse3
 
@@ -33,6 +34,8 @@ class BlockImage(Protocol):
     def read(self, offset: int, length: int) -> bytes | bytearray: ...
     def write(self, offset: int, data: memoryview | bytes) -> int: ...
     def flush(self) -> None: ...
+    def unlocked_io(self) -> tuple[Callable[[int, int], bytes | bytearray],
+                                   Callable[[int, memoryview | bytes], int]]: ...
     def resize(self, new_size: int) -> None: ...
 
 
@@ -42,6 +45,8 @@ class RawFileOperations(pyfuse3.Operations):
         """file_name None: the mount point is a file and the root inode is the raw file."""
         super().__init__()
         self.image = image
+        # read and write without the image's lock: this daemon's handlers run on one thread
+        self._read, self._write = image.unlocked_io()
         self.host_fd = host_fd  # the image file, for timestamps and allocated blocks
         self.file_name = os.fsencode(file_name) if file_name is not None else None
         self.file_inode = pyfuse3.ROOT_INODE if file_name is None else FILE_INODE_IN_DIR
@@ -155,7 +160,7 @@ class RawFileOperations(pyfuse3.Operations):
 
     async def read(self, fh: int, off: int, size: int) -> bytes | bytearray:
         try:
-            return self.image.read(off, size)
+            return self._read(off, size)
         except (QcowError, OSError) as e:
             raise _errno_for(e, "read", off, size) from None
 
@@ -165,7 +170,7 @@ class RawFileOperations(pyfuse3.Operations):
                 raise pyfuse3.FUSEError(errno.ENOSPC)
             buf = memoryview(buf)[: self.image.size - off]  # short write up to the end
         try:
-            return self.image.write(off, buf)
+            return self._write(off, buf)
         except (QcowError, OSError) as e:
             raise _errno_for(e, "write", off, len(buf)) from None
 

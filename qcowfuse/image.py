@@ -14,7 +14,7 @@ import threading
 
 from .errors import FormatError, QcowError, UnsupportedError
 from .backing import Layer, file_identity, open_backing
-from .qcow2.fastpath import FastPath
+from .qcow2.fastpath import FastPath, ReadFn, WriteFn
 from .hostfile import HostFile
 from .locking import lock_image
 from .qcow2.resize import resize_image
@@ -168,6 +168,11 @@ class Image(ReadPath, WritePath, Integrity):
         if writable and h.incompatible_features & INCOMPAT_CORRUPT:
             raise UnsupportedError("image is marked corrupt: mount it read-only (-o ro), or repair it "
                                    "with 'qcowfuse check --repair all' first")
+
+    def unlocked_io(self) -> tuple[ReadFn, WriteFn]:
+        """read and write for a caller that uses this image from one thread only (the FUSE
+        daemon): the common request without the image lock (qcow2/fastpath.py)."""
+        return self._fast.unlocked(self.read, self.write)
 
     def resize(self, new_size: int) -> None:
         """Grow or shrink the guest disk (resize.py); ResizeError when refused."""

@@ -93,6 +93,15 @@ def mounted(image: Path, mountpoint: Path, *options: str) -> Iterator[tuple[Path
         unmount(mountpoint, pid)
 
 
+@pytest.fixture(params=["locked", "unlocked"])
+def image_calls(request):
+    """calls(im) -> (read, write) of an open Image: its own (with the image lock), or the
+    unlocked pair the FUSE daemon serves requests with (Image.unlocked_io)."""
+    def calls(im):
+        return (im.read, im.write) if request.param == "locked" else im.unlocked_io()
+    return calls
+
+
 @pytest.fixture
 def mount():
     """mount(image, mountpoint, *options) -> context manager yielding (raw path, pid)."""

@@ -5,6 +5,7 @@ and writes agree with QEMU, across clusters and L2 tables too."""
 
 from __future__ import annotations
 
+import os
 import random
 import struct
 
@@ -29,7 +30,7 @@ def set_l2_entry(img, guest_cluster: int, value: int) -> None:
 
 
 @pytest.mark.parametrize("target", ["refcount table", "L1 table", "L2 table", "past EOF"])
-def test_cached_entry_into_metadata_is_refused(tmp_path, target):
+def test_cached_entry_into_metadata_is_refused(tmp_path, target, image_calls):
     img = qemu.create(tmp_path / "h.qcow2", 16 * MiB)
     qemu.qemu_io(img, "write -P 0x11 0 2M")
     data = img.read_bytes()
@@ -40,17 +41,18 @@ def test_cached_entry_into_metadata_is_refused(tmp_path, target):
     set_l2_entry(img, 4, COPIED | host)
     before = img.read_bytes()
     with Image.open(str(img), writable=True) as im:
-        assert im.read(0, 4096) == b"\x11" * 4096  # the L2 table is now cached
-        im.write(0, b"\x11" * 4096)  # the first write (its preparation): later ones may go fast
+        read, write = image_calls(im)
+        assert read(0, 4096) == b"\x11" * 4096  # the L2 table is now cached
+        write(0, b"\x11" * 4096)  # the first write (its preparation): later ones may go fast
         with pytest.raises(CorruptError):
-            im.write(4 * CS + 4096, b"\xff" * 4096)
+            write(4 * CS + 4096, b"\xff" * 4096)
         with pytest.raises(CorruptError):  # refused from now on, as the general path does
-            im.write(0, b"\xff" * 4096)
+            write(0, b"\xff" * 4096)
     after = img.read_bytes()
     assert after[:72] + after[80:] == before[:72] + before[80:], "only the corrupt bit may change"
 
 
-def test_run_into_past_eof_is_refused(tmp_path):
+def test_run_into_past_eof_is_refused(tmp_path, image_calls):
     """Two L2 entries that look like one host run, the second cluster past the end of
     the file: a write over both is refused for the second one."""
     img = qemu.create(tmp_path / "r.qcow2", 16 * MiB)
@@ -60,16 +62,17 @@ def test_run_into_past_eof_is_refused(tmp_path):
     set_l2_entry(img, 5, COPIED | end)
     before = img.read_bytes()
     with Image.open(str(img), writable=True) as im:
-        assert im.read(0, 4096) == b"\x11" * 4096  # the L2 table is now cached
-        im.write(0, b"\x11" * 4096)  # the first write (its preparation): later ones may go fast
+        read, write = image_calls(im)
+        assert read(0, 4096) == b"\x11" * 4096  # the L2 table is now cached
+        write(0, b"\x11" * 4096)  # the first write (its preparation): later ones may go fast
         with pytest.raises(CorruptError):
-            im.write(5 * CS - 4096, b"\xff" * 8192)
+            write(5 * CS - 4096, b"\xff" * 8192)
     after = img.read_bytes()
     assert len(after) == end
     assert after[:72] + after[80:] == before[:72] + before[80:], "only the corrupt bit may change"
 
 
-def test_quick_allocation_never_lands_on_metadata(tmp_path):
+def test_quick_allocation_never_lands_on_metadata(tmp_path, image_calls):
     """The next free cluster the fast path takes is overlap-checked too: an L2 table
     whose refcount dropped to 0 while the image is open is refused, not written over."""
     img = qemu.create(tmp_path / "m.qcow2", 16 * MiB)
@@ -82,13 +85,13 @@ def test_quick_allocation_never_lands_on_metadata(tmp_path):
         assert im.rc.free_hint == l2 >> 16
         before = img.read_bytes()[l2:l2 + CS]
         with pytest.raises(CorruptError):
-            im.write(40 * CS, b"\x13" * 4096)
+            image_calls(im)[1](40 * CS, b"\x13" * 4096)
     assert img.read_bytes()[l2:l2 + CS] == before
     assert struct.unpack_from(">Q", img.read_bytes(), 72)[0] & 2, "the corrupt bit must be set"
 
 
 @pytest.mark.parametrize("cluster_size", [CS, 4096])
-def test_small_requests_agree_with_qemu(tmp_path, cluster_size):
+def test_small_requests_agree_with_qemu(tmp_path, cluster_size, image_calls):
     """Random 512 B..64 KiB reads and writes, most inside one allocated cluster, some
     across clusters, into unallocated space and a snapshot-shared table; with 4 KiB
     clusters most cross clusters, and some L2 tables (2 MiB of guest each)."""
@@ -99,18 +102,38 @@ def test_small_requests_agree_with_qemu(tmp_path, cluster_size):
     model = bytearray(b"\x21" * (4 * MiB) + bytes(size - 4 * MiB))
     rnd = random.Random(7)
     with Image.open(str(img), writable=True) as im:
+        read, write = image_calls(im)
         for i in range(3000):
             n = rnd.choice((512, 4096, 4096, 8192, CS))
             off = rnd.randrange(0, size - n) // 512 * 512
             if rnd.random() < 0.5:
                 data = rnd.randbytes(n)
-                assert im.write(off, data) == n
+                assert write(off, data) == n
                 model[off:off + n] = data
             else:
-                assert im.read(off, n) == model[off:off + n], f"request {i}"
+                assert read(off, n) == model[off:off + n], f"request {i}"
     qemu.assert_clean(img)
     (tmp_path / "model.raw").write_bytes(model)
     qemu.compare_raw(img, tmp_path / "model.raw")
     snap = tmp_path / "s1.raw"  # the snapshot still has what it had
     qemu.run("qemu-img", "convert", "-l", "snapshot.name=s1", "-O", "raw", str(img), str(snap))
     assert snap.read_bytes() == b"\x21" * (4 * MiB) + bytes(size - 4 * MiB)
+
+
+def test_a_fast_write_in_place_is_synced_by_the_next_flush(tmp_path, monkeypatch, image_calls):
+    """A write the fast path makes in place (no metadata changes) still makes the next
+    flush fdatasync the file: a guest fsync after it must not return before the data is
+    durable."""
+    img = qemu.create(tmp_path / "s.qcow2", 16 * MiB)
+    qemu.qemu_io(img, "write -P 0x11 0 2M")
+    with Image.open(str(img), writable=True) as im:
+        read, write = image_calls(im)
+        write(0, b"\x12" * 4096)  # the first write (its preparation), then all durable
+        im.flush()
+        syncs = []
+        real = os.fdatasync
+        monkeypatch.setattr(os, "fdatasync", lambda fd: (syncs.append(fd), real(fd)))
+        write(CS + 4096, b"\x13" * 4096)  # in place, inside one allocated cluster
+        im.flush()
+        assert syncs, "the flush after an in-place write did not sync the image file"
+    qemu.qemu_io(img, f"read -P 0x13 {CS + 4096} 4096")

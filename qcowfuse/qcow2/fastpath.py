@@ -16,18 +16,30 @@ file (QEMU's overlap check), is the general path's own predicate (_data_target_o
 it fails the fast path declines, so the general path raises and marks the image corrupt.
 Extended L2 entries and detect-zeroes always take the general path.  Constants are
 derived once here, not per request.
+
+Image.read and Image.write take the image lock around all this.  The FUSE daemon uses
+the image from one thread only and takes `unlocked()`'s pair instead: the same fast
+cases straight from the handler, without the lock and the layers between (callgrind,
+per 4 KiB request through fuse_ops: read 16.7k -> 13.1k instructions, in-place write
+19.1k -> 15.3k, first write into a cluster 29.8k -> 27.5k).
 """
 
 from __future__ import annotations
 
 import array
-from typing import TYPE_CHECKING
+import os
+from typing import TYPE_CHECKING, Callable
 
+from ..errors import CorruptError
+from ..hostfile import HostFile
 from .tables import (
     L1E_OFFSET_MASK, L2E_OFFSET_MASK, QCOW_OFLAG_COMPRESSED, QCOW_OFLAG_COPIED, QCOW_OFLAG_ZERO)
 
 if TYPE_CHECKING:
     from .state import ImageState
+
+ReadFn = Callable[[int, int], "bytes | bytearray"]
+WriteFn = Callable[[int, "bytes | memoryview"], int]
 
 UNHANDLED = -1  # _host: take the general path
 FRESH = -2  # _host, for a write: one cluster in `fresh` (table and index kept)
@@ -44,6 +56,9 @@ class FastPath:
         self.special = QCOW_OFLAG_COMPRESSED | (QCOW_OFLAG_ZERO if img.version >= 3 else 0)
         self.reads = not img.header.extended_l2
         self.writes = self.reads and img.detect_zeroes == "off"
+        # a plain HostFile: pread / pwrite it directly (substitutes, as the power-cut
+        # harness's recording layer, keep their own methods)
+        self.direct = type(img.f) is HostFile
         # L2 entries of clusters that read as zeros and hold no host cluster
         self.fresh = frozenset(([0] if img.backing is None else [])
                                + ([QCOW_OFLAG_ZERO] if img.version >= 3 else []))
@@ -92,6 +107,44 @@ class FastPath:
                     return UNHANDLED
         return host + in_cl
 
+    def unlocked(self, read: ReadFn, write: WriteFn) -> tuple[ReadFn, WriteFn]:
+        """The image's read and write (`read`, `write`: its general ones) for a caller that
+        uses the image from one thread only, as the FUSE daemon does (its handlers run
+        inline on trio's thread): the common request then goes from the caller straight
+        to _host and the pread or pwrite, without the image lock and the layers between.
+        Same results and errors: whatever is not the fast case, or looks wrong (a short
+        read, a read into the preallocated hole), is handed to `read` / `write` untouched.
+        A library user with threads keeps Image.read / Image.write."""
+        img = self.img
+        f = img.f
+        host_of = self._host
+        fast_write = self.write
+        direct = self.reads and self.direct
+        pread = os.pread
+
+        def read_unlocked(offset: int, length: int) -> bytes | bytearray:
+            if direct:
+                host = host_of(offset, length, False)
+                if host >= 0:
+                    data = pread(f.fd, length, host)
+                    # HostFile.pread's own checks, inline (a host offset from _host is in
+                    # range): whole, and not reaching into the file's preallocated hole
+                    if len(data) == length and (f._size <= f._end or host + length <= f._end):
+                        return data
+            return read(offset, length)
+
+        def write_unlocked(offset: int, data: bytes | memoryview) -> int:
+            if type(data) is bytes and img.writable and not img._corrupt:
+                try:
+                    if fast_write(offset, data):
+                        return len(data)
+                except CorruptError as e:  # as Image.write: refuse further writes
+                    img.mark_corrupt(str(e))
+                    raise
+            return write(offset, data)
+
+        return read_unlocked, write_unlocked
+
     def read(self, offset: int, length: int) -> bytes | None:
         if not self.reads:
             return None
@@ -102,7 +155,8 @@ class FastPath:
 
     def write(self, offset: int, view: bytes | memoryview) -> bool:
         """The whole of a write (True), or nothing done (False: the general path).  Called
-        with the image lock held on a writable image that is not marked corrupt; `view` is
+        on a writable image that is not marked corrupt, with the image lock held (or from
+        the one thread that uses the image, see unlocked); `view` is
         bytes or a byte-format view.  Before the first write's preparation, and where a
         cluster would be metadata or past the end of the file, nothing is done: the general
         path then refuses with its own error."""
@@ -117,7 +171,12 @@ class FastPath:
             return False  # the general path's _check_data_target refuses it
         if img.bitmaps is not None:
             img.bitmaps.mark(offset, length)
-        img.f.pwrite(host, view)
+        f = img.f
+        if self.direct:  # HostFile.pwrite inline: the range is inside the file (checked above)
+            f.unsynced = True
+            if os.pwrite(f.fd, view, host) == length:
+                return True
+        f.pwrite(host, view)  # the rest of a short write (rewritten whole), or a substitute
         return True
 
     def _write_fresh(self, offset: int, view: bytes | memoryview) -> bool:
