@@ -102,7 +102,7 @@ class HostFile:
     def extend_to(self, size: int) -> None:
         """Make the image cover `size` bytes (a hole) if it is shorter; the file grows
         PREALLOCATE_BYTES beyond, unless it is that long already."""
-        if self.end() < size:
+        if (self._end if self._end >= 0 else self.end()) < size:  # end(), inline: per new cluster
             if self._size < size:
                 os.ftruncate(self.fd, size + PREALLOCATE_BYTES)
                 self._size = size + PREALLOCATE_BYTES

@@ -184,7 +184,8 @@ class FastPath:
         c = img.alloc.alloc_quick()
         if c < 0:
             return False
-        img._check_fresh(c, 1)
+        if c in img._metadata_set():
+            img._check_fresh(c, 1)  # raises
         if img.bitmaps is not None:
             img.bitmaps.mark(offset, len(view))
         host = c << self.cluster_bits
