@@ -172,7 +172,7 @@ class Image(ReadPath, WritePath, Integrity):
     def unlocked_io(self) -> tuple[ReadFn, WriteFn]:
         """read and write for a caller that uses this image from one thread only (the FUSE
         daemon): the common request without the image lock (qcow2/fastpath.py)."""
-        return self._fast.unlocked(self.read, self.write)
+        return self._fast.unlocked(self._read_general, self.write)
 
     def resize(self, new_size: int) -> None:
         """Grow or shrink the guest disk (resize.py); ResizeError when refused."""

@@ -108,13 +108,13 @@ class FastPath:
         return host + in_cl
 
     def unlocked(self, read: ReadFn, write: WriteFn) -> tuple[ReadFn, WriteFn]:
-        """The image's read and write (`read`, `write`: its general ones) for a caller that
-        uses the image from one thread only, as the FUSE daemon does (its handlers run
-        inline on trio's thread): the common request then goes from the caller straight
-        to _host and the pread or pwrite, without the image lock and the layers between.
-        Same results and errors: whatever is not the fast case, or looks wrong (a short
-        read, a read into the preallocated hole), is handed to `read` / `write` untouched.
-        A library user with threads keeps Image.read / Image.write."""
+        """Read and write for a caller that uses the image from one thread only, as the
+        FUSE daemon does (its handlers run inline on trio's thread): the common request
+        goes from the caller straight to _host and the pread or pwrite, without the image
+        lock and the layers between.  Same results and errors: whatever is not the fast
+        case, or looks wrong (a short read, a read into the preallocated hole), goes to
+        `read` (the general path's read) or `write` (Image.write) untouched.  A library
+        user with threads keeps Image.read / Image.write."""
         img = self.img
         f = img.f
         host_of = self._host

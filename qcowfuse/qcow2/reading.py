@@ -78,6 +78,10 @@ class ReadPath:
         data = self._fast.read(offset, length)
         if data is not None:
             return data
+        return self._read_general(offset, length)
+
+    def _read_general(self, offset: int, length: int) -> bytes | bytearray:
+        """read, where the fast path declined (or was not asked: FastPath.unlocked)."""
         if offset < 0 or length < 0:
             raise ValueError("negative offset or length")
         with self._lock:  # the size too: a resize in another thread may shrink it meanwhile
