@@ -6,8 +6,8 @@ mounted on a directory, the root holds exactly one file, `<name>`.
 Handlers call the engine inline (no thread hop: measured ~60x the cost of a
 page-cached pread here), so requests run one at a time and the engine's
 metadata updates never interleave; reads and writes use the image's unlocked
-pair (`unlocked_io`), which that single thread allows.  Engine errors become errnos; a corrupt
-table costs EIO for that request only.
+pair (`unlocked_io`), which that single thread allows.  Engine errors become
+errnos; a corrupt table costs EIO for that request only.
 """
 
 from __future__ import annotations
