@@ -183,8 +183,7 @@ class FastPath:
         c = img.alloc.alloc_quick()
         if c < 0:
             return False
-        if c in img._metadata_set():
-            img._check_fresh(c, 1)  # raises
+        img._check_fresh(c, 1)
         if img.bitmaps is not None:
             img.bitmaps.mark(offset, len(view))
         host = c << self.cluster_bits
