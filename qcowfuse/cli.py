@@ -119,6 +119,9 @@ def parse_mount_options(values: list[str], opts: MountOptions) -> None:
                 opts.l2_cache_size = parse_size(arg)
             elif name in ("refcount-cache-size", "refcount_cache_size") and arg:
                 opts.refcount_cache_size = parse_size(arg)
+            elif name in ("io_uring", "io-uring"):
+                raise UsageError(f"-o {item}: not supported: FUSE-over-io_uring calls handlers from "
+                                 f"libfuse's threads, and qcowfuse serves from one")
             elif name in GENERIC_MOUNT_OPTIONS or name.startswith("x-") or name == "comment":
                 continue
             else:

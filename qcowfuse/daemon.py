@@ -76,7 +76,7 @@ def prepare_mountpoint(mountpoint: str, image_path: str) -> MountTarget:
         parent = os.path.dirname(path)
         if not os.path.isdir(parent):
             raise MountError(f"{mountpoint}: no such file or directory (and its parent does not exist)") from None
-        try:
+        try:  # mode 0644 less the caller's umask; the view shows the image's own
             os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
         except OSError as e:
             raise MountError(f"{mountpoint}: cannot create mount point: {e.strerror}") from None
@@ -103,6 +103,24 @@ def check_allow_other(opts: MountOptions) -> None:
     except OSError:
         return  # unreadable here: let fusermount3 decide
     raise MountError("-o allow_other: non-root users need a line 'user_allow_other' in /etc/fuse.conf")
+
+
+# libfuse (3.18 on) turns FUSE-over-io_uring on from this variable, then calls handlers
+# from threads of its own, which pyfuse3's single trio thread cannot take.
+URING_ENVIRONMENT = "FUSE_URING_ENABLE"
+
+
+def keep_io_uring_off() -> None:
+    """No environment may switch the mount to io_uring (see URING_ENVIRONMENT)."""
+    os.environ.pop(URING_ENVIRONMENT, None)
+
+
+def write_pidfile(path: str, pid: int) -> None:
+    """The pid file, created with the caller's umask honoured (0644 at the widest); an
+    existing link is not followed."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(f"{pid}\n")
 
 
 def mount(opts: MountOptions) -> int:
@@ -226,7 +244,10 @@ def serve(image: Image, opts: MountOptions, target: MountTarget, ready_fd: int |
 
     ops = RawFileOperations(image, image.f.fd, target.file_name, direct_io=opts.direct_io)
     fuse_options = set(pyfuse3.default_options)
-    fuse_options |= {"fsname=" + image.f.path.replace(",", "_"), "subtype=qcowfuse"}
+    # The kernel checks the owner and mode the view shows (the image file's): without
+    # this, allow_other would open the raw file to every user.
+    fuse_options |= {"default_permissions", "fsname=" + image.f.path.replace(",", "_"),
+                     "subtype=qcowfuse"}
     if opts.read_only:
         fuse_options.add("ro")
     if opts.allow_other:
@@ -235,6 +256,7 @@ def serve(image: Image, opts: MountOptions, target: MountTarget, ready_fd: int |
         fuse_options.add("debug")
     fuse_options.update(opts.extra_fuse_options)
     said: list[str] = []
+    keep_io_uring_off()
     try:
         with _fd2_into(said):  # libfuse and fusermount3 explain failures only on fd 2
             pyfuse3.init(ops, target.path, fuse_options)
@@ -256,7 +278,7 @@ def serve(image: Image, opts: MountOptions, target: MountTarget, ready_fd: int |
             nursery.start_soon(loop)
             await trio.to_thread.run_sync(os.stat, target.path)
             if opts.pidfile:
-                Path(opts.pidfile).write_text(f"{os.getpid()}\n")
+                write_pidfile(opts.pidfile, os.getpid())
             log.info("serving %s on %s%s", image.f.path, target.path,
                      " (read-only)" if opts.read_only else "")
             if opts.force_share:

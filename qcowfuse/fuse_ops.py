@@ -8,6 +8,11 @@ page-cached pread here), so requests run one at a time and the engine's
 metadata updates never interleave; reads and writes use the image's unlocked
 pair (`unlocked_io`), which that single thread allows.  Engine errors become
 errnos; a corrupt table costs EIO for that request only.
+
+Access: the view shows the image file's owner, group and permission bits, never
+more (no write bits on a read-only mount), and the kernel checks them
+(`default_permissions`), so `allow_other` lets in exactly whom the image file
+lets in.  chmod and chown change what the view shows, never the image file.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import errno
 import logging
 import os
 import stat
+from dataclasses import dataclass
 from typing import Callable, Protocol
 
 import pyfuse3
@@ -25,6 +31,30 @@ from .errors import CorruptError, QcowError, ReadOnlyError, ResizeError
 log = logging.getLogger("qcowfuse")
 
 FILE_INODE_IN_DIR = pyfuse3.ROOT_INODE + 1
+
+_WRITE_BITS = stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH
+_READ_BITS = stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH
+
+
+def file_permissions(image_mode: int, writable: bool) -> int:
+    """The raw file's permission bits: the image file's read and write bits, without
+    the write bits on a read-only mount (never execute, set-id or sticky)."""
+    perm = image_mode & (_READ_BITS | _WRITE_BITS)
+    return perm if writable else perm & ~_WRITE_BITS
+
+
+def directory_permissions(file_perm: int) -> int:
+    """The mount directory's bits: read and search for whoever may read the file."""
+    readers = file_perm & _READ_BITS
+    return readers | readers >> 2
+
+
+@dataclass
+class _Shown:
+    """What chmod/chown set on one inode of the view (None: follow the image file)."""
+    perm: int | None = None
+    uid: int | None = None
+    gid: int | None = None
 
 
 class BlockImage(Protocol):
@@ -51,8 +81,7 @@ class RawFileOperations(pyfuse3.Operations):
         self.file_name = os.fsencode(file_name) if file_name is not None else None
         self.file_inode = pyfuse3.ROOT_INODE if file_name is None else FILE_INODE_IN_DIR
         self.direct_io = direct_io
-        self.uid = os.getuid()
-        self.gid = os.getgid()
+        self.shown: dict[int, _Shown] = {self.file_inode: _Shown(), pyfuse3.ROOT_INODE: _Shown()}
         # Times of the raw file (see _times).  FUSE's auto_inval_data drops every cached
         # page of a file whose mtime (or size) it sees change in getattr: an mtime that
         # followed the image file would cost the whole page cache on each small write.
@@ -75,26 +104,28 @@ class RawFileOperations(pyfuse3.Operations):
 
     def _attrs(self, inode: int) -> pyfuse3.EntryAttributes:
         host = os.fstat(self.host_fd)
+        shown = self.shown.get(inode)
+        if shown is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
         a = pyfuse3.EntryAttributes()
         a.st_ino = inode
-        a.st_uid, a.st_gid = self.uid, self.gid
+        a.st_uid = host.st_uid if shown.uid is None else shown.uid
+        a.st_gid = host.st_gid if shown.gid is None else shown.gid
+        perm = file_permissions(host.st_mode, self.image.writable)
         a.st_atime_ns, a.st_mtime_ns, a.st_ctime_ns = self._times(host)
         a.generation = 0
         a.entry_timeout = a.attr_timeout = 300.0
         a.st_blksize = 4096
         if inode == self.file_inode:
-            perm = 0o644 if self.image.writable else 0o444
-            a.st_mode = stat.S_IFREG | perm
+            a.st_mode = stat.S_IFREG | (perm if shown.perm is None else shown.perm)
             a.st_nlink = 1
             a.st_size = self.image.size
             a.st_blocks = host.st_blocks
-        elif inode == pyfuse3.ROOT_INODE:
-            a.st_mode = stat.S_IFDIR | 0o755
+        else:
+            a.st_mode = stat.S_IFDIR | (directory_permissions(perm) if shown.perm is None else shown.perm)
             a.st_nlink = 2
             a.st_size = 0
             a.st_blocks = 0
-        else:
-            raise pyfuse3.FUSEError(errno.ENOENT)
         return a
 
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext | None = None) -> pyfuse3.EntryAttributes:
@@ -104,7 +135,18 @@ class RawFileOperations(pyfuse3.Operations):
                       fh: int | None, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         if fields.update_size and inode == self.file_inode and attr.st_size != self.image.size:
             self._resize(attr.st_size)
-        return self._attrs(inode)  # mode, owner and times follow the image file
+        shown = self.shown.get(inode)
+        if shown is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        # The kernel has checked that the caller may (default_permissions); the change
+        # is the view's, for the life of the mount: the image file keeps its own.
+        if fields.update_mode:
+            shown.perm = stat.S_IMODE(attr.st_mode) & 0o777
+        if fields.update_uid:
+            shown.uid = attr.st_uid
+        if fields.update_gid:
+            shown.gid = attr.st_gid
+        return self._attrs(inode)  # times follow the image file (see _times)
 
     def _resize(self, new_size: int) -> None:
         """truncate(2) grows or shrinks the guest disk; the reply's attributes carry the new
