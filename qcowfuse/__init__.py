@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 __version__ = "0.1.0"
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> object:
     # The engine is imported on first use (PEP 562): `qcowfuse info` and the other
     # commands start without loading modules they never call.
     if name == "Image":

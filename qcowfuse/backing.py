@@ -17,6 +17,8 @@ from .locking import lock_image
 from .qcow2.header import MAGIC
 from .qcow2.state import Layer
 
+__all__ = ["Layer", "RawLayer", "QcowOpener", "file_identity", "open_backing"]
+
 MAX_CHAIN_DEPTH = 64
 
 

@@ -7,16 +7,18 @@ code; tracebacks are for bugs only.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
 import sys
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Iterator
 
 from . import __version__
 from .errors import QcowError
 
 if TYPE_CHECKING:
+    from .progress import TerminalProgress
     from .daemon import MountOptions
 
 EPILOG = """\
@@ -154,17 +156,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _human(n: int) -> str:
+    value = float(n)
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.4g} {unit}" if unit != "B" else f"{n} B"
-        n /= 1024
+        if value < 1024 or unit == "TiB":
+            return f"{value:.4g} {unit}" if unit != "B" else f"{n} B"
+        value /= 1024
     return str(n)
 
 
-def _progress(output: str, label: str):
-    """A progress bar for human output on a terminal (shown after a second), else None."""
+@contextlib.contextmanager
+def _progress(output: str, label: str, wanted: bool = True) -> Iterator[TerminalProgress | None]:
+    """A progress bar for human output on a terminal (shown after a second), else None;
+    cleared when the work ends, also by an error."""
     from .progress import TerminalProgress
-    return TerminalProgress.for_stderr(label) if output == "human" else None
+    progress = TerminalProgress.for_stderr(label) if output == "human" and wanted else None
+    try:
+        yield progress
+    finally:
+        if progress:
+            progress.done()
 
 
 def info_main(argv: list[str]) -> int:
@@ -175,15 +185,8 @@ def info_main(argv: list[str]) -> int:
                    help="also count the guest clusters that hold data (reads every L2 table)")
     args = p.parse_args(argv)
     from .info import image_info
-    progress = _progress(args.output, "reading tables") if args.allocated else None
-    try:
+    with _progress(args.output, "reading tables", wanted=args.allocated) as progress:
         info = image_info(args.image, progress, allocated=args.allocated)
-    except QcowError as e:
-        print(f"qcowfuse: {e}", file=sys.stderr)
-        return 1
-    finally:
-        if progress:
-            progress.done()
     if args.output == "json":
         print(json.dumps(info, indent=2))
         return 0
@@ -222,18 +225,12 @@ def check_main(argv: list[str]) -> int:
     args = p.parse_args(argv)
     from .image import Image
     from .qcow2.check import Checker
-    progress = _progress(args.output, "checking" if args.repair is None else "repairing")
-    try:
+    with _progress(args.output, "checking" if args.repair is None else "repairing") as progress:
         img = Image.open(args.image, writable=args.repair is not None, repair=True)
         try:
             report = Checker(img, progress).run(args.repair)
         finally:
-            if progress:
-                progress.done()
             img.close()
-    except QcowError as e:
-        print(f"qcowfuse: {e}", file=sys.stderr)
-        return 1
     if args.output == "json":
         print(json.dumps(report.to_json(), indent=4))
         return report.exit_code
@@ -268,46 +265,35 @@ def map_main(argv: list[str]) -> int:
         return _bitmap_map(args.image, args.bitmap, args.output)
     from .image import Image
     from .mapping import image_map
-    progress = _progress(args.output, "mapping")
-    try:
-        with Image.open(args.image, writable=False, lock=False) as img:
-            extents = image_map(img, progress)
-            names = []
-            layer = img
-            while layer is not None:
-                names.append(getattr(layer, "path", None) or layer.f.path)
-                layer = getattr(layer, "backing", None)
-    except QcowError as e:
-        print(f"qcowfuse: {e}", file=sys.stderr)
-        return 1
-    finally:
-        if progress:
-            progress.done()
+    with _progress(args.output, "mapping") as progress, \
+            Image.open(args.image, writable=False, lock=False) as img:
+        extents = image_map(img, progress)
+        names = []
+        layer: Any = img  # an Image or a raw backing layer
+        while layer is not None:
+            names.append(getattr(layer, "path", None) or layer.f.path)
+            layer = getattr(layer, "backing", None)
     if args.output == "json":
         print("[" + ",\n".join(json.dumps(e.to_json()) for e in extents) + "]")
         return 0
     print(f"{'Offset':<16}{'Length':<16}{'Mapped to':<16}File")
-    for e in extents:
-        if e.data and e.offset is not None:
-            print(f"{e.start:<#16x}{e.length:<#16x}{e.offset:<#16x}{names[e.depth]}")
+    for ext in extents:
+        if ext.data and ext.offset is not None:
+            print(f"{ext.start:<#16x}{ext.length:<#16x}{ext.offset:<#16x}{names[ext.depth]}")
     return 0
 
 
 def _bitmap_map(path: str, name: str, output: str) -> int:
     """Changed-block tracking for backup tools: which guest ranges a bitmap marks dirty."""
     from .image import Image
-    try:
-        with Image.open(path, writable=False, lock=False) as img:
-            if img.bitmaps is None:
-                raise QcowError(f"{path} has no persistent bitmaps")
-            bm = img.bitmaps.find(name)
-            if bm.in_use:
-                raise QcowError(f"bitmap '{name}' is in use (the image is open read-write, or its "
-                                f"writer died): its content is not consistent")
-            extents = img.bitmaps.extents(name)
-    except QcowError as e:
-        print(f"qcowfuse: {e}", file=sys.stderr)
-        return 1
+    with Image.open(path, writable=False, lock=False) as img:
+        if img.bitmaps is None:
+            raise QcowError(f"{path} has no persistent bitmaps")
+        bm = img.bitmaps.find(name)
+        if bm.in_use:
+            raise QcowError(f"bitmap '{name}' is in use (the image is open read-write, or its "
+                            f"writer died): its content is not consistent")
+        extents = img.bitmaps.extents(name)
     if output == "json":
         print("[" + ",\n".join(json.dumps({"start": s, "length": n, "dirty": d})
                                for s, n, d in extents) + "]")
@@ -340,23 +326,19 @@ def resize_main(argv: list[str]) -> int:
     sign = {"+": 1, "-": -1}.get(size_text[:1], 0)
     from .image import Image
     try:
-        try:
-            n = strtosz(size_text[1:] if sign else size_text)
-        except OverflowError:
-            raise UsageError(f"Value '{size_text}' is out of range for parameter 'size'") from None
-        except ValueError:
-            raise UsageError("Parameter 'size' expects a non-negative number below 2^64 "
-                             "(optional suffix k, M, G, T, P or E)") from None
-        with Image.open(args.image, writable=True) as img:
-            total = img.size + sign * n if sign else n
-            if total <= 0:
-                raise UsageError("New image size must be positive")
-            if total < img.size and not args.shrink:
-                raise UsageError("Use the --shrink option to perform a shrink operation.")
-            img.resize(total)
-    except QcowError as e:
-        print(f"qcowfuse: {e}", file=sys.stderr)
-        return 1
+        n = strtosz(size_text[1:] if sign else size_text)
+    except OverflowError:
+        raise UsageError(f"Value '{size_text}' is out of range for parameter 'size'") from None
+    except ValueError:
+        raise UsageError("Parameter 'size' expects a non-negative number below 2^64 "
+                         "(optional suffix k, M, G, T, P or E)") from None
+    with Image.open(args.image, writable=True) as img:
+        total = img.size + sign * n if sign else n
+        if total <= 0:
+            raise UsageError("New image size must be positive")
+        if total < img.size and not args.shrink:
+            raise UsageError("Use the --shrink option to perform a shrink operation.")
+        img.resize(total)
     if not args.quiet:
         print("Image resized.")
     return 0
@@ -367,17 +349,17 @@ SUBCOMMANDS = {"info": info_main, "check": check_main, "map": map_main, "resize"
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in SUBCOMMANDS:
-        # numpy's BLAS is unused here: don't pay for starting its thread pool
-        os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-        return SUBCOMMANDS[argv[0]](argv[1:])
-    if argv and argv[0] == "mount":
-        argv = argv[1:]
-    args = build_parser().parse_args(argv)
-    from .daemon import MountOptions, mount  # not needed by info, check, map: keep them quick
-    opts = MountOptions(image=args.image, mountpoint=args.mountpoint,
-                        foreground=args.foreground, pidfile=args.pidfile)
     try:
+        if argv and argv[0] in SUBCOMMANDS:
+            # numpy's BLAS is unused here: don't pay for starting its thread pool
+            os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+            return SUBCOMMANDS[argv[0]](argv[1:])
+        if argv and argv[0] == "mount":
+            argv = argv[1:]
+        args = build_parser().parse_args(argv)
+        from .daemon import MountOptions, mount  # not needed by info, check, map: keep them quick
+        opts = MountOptions(image=args.image, mountpoint=args.mountpoint,
+                            foreground=args.foreground, pidfile=args.pidfile)
         parse_mount_options(args.options, opts)
         return mount(opts)
     except QcowError as e:

@@ -18,6 +18,7 @@ import stat
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 from .errors import QcowError
 from .image import DEFAULT_L2_CACHE_BYTES, DEFAULT_REFCOUNT_CACHE_BYTES, Image
@@ -219,7 +220,7 @@ def _setup_logging(opts: MountOptions, detached: bool) -> None:
 
 
 @contextlib.contextmanager
-def _fd2_into(lines: list[str]):
+def _fd2_into(lines: list[str]) -> Iterator[None]:
     """Collect what is written to fd 2 meanwhile (a detached daemon's fd 2 is /dev/null)."""
     sys.stderr.flush()
     saved = os.dup(2)

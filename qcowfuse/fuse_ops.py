@@ -200,7 +200,8 @@ class RawFileOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EROFS)
         return pyfuse3.FileInfo(fh=inode, direct_io=self.direct_io, keep_cache=True)
 
-    async def read(self, fh: int, off: int, size: int) -> bytes | bytearray:
+    async def read(self, fh: int, off: int, size: int) -> bytes | bytearray:  # type: ignore[override]
+        # (pyfuse3's stub says bytes; any buffer is sent as it is)
         try:
             return self._read(off, size)
         except (QcowError, OSError) as e:
@@ -210,11 +211,13 @@ class RawFileOperations(pyfuse3.Operations):
         if off + len(buf) > self.image.size:
             if off >= self.image.size:
                 raise pyfuse3.FUSEError(errno.ENOSPC)
-            buf = memoryview(buf)[: self.image.size - off]  # short write up to the end
+            data: memoryview | bytes = memoryview(buf)[: self.image.size - off]  # short write
+        else:
+            data = buf
         try:
-            return self._write(off, buf)
+            return self._write(off, data)
         except (QcowError, OSError) as e:
-            raise _errno_for(e, "write", off, len(buf)) from None
+            raise _errno_for(e, "write", off, len(data)) from None
 
     async def _flush(self) -> None:
         try:

@@ -9,24 +9,25 @@ each own one on-disk structure.
 
 from __future__ import annotations
 
-import array
 import threading
+from typing import Any
 
-from .errors import FormatError, QcowError, UnsupportedError
 from .backing import Layer, file_identity, open_backing
-from .qcow2.fastpath import FastPath, ReadFn, WriteFn
+from .errors import FormatError, QcowError, UnsupportedError
 from .hostfile import HostFile
 from .locking import lock_image
-from .qcow2.resize import resize_image
 from .qcow2.allocator import Allocator
 from .qcow2.bitmaps import Bitmaps
+from .qcow2.fastpath import FastPath, ReadFn, WriteFn
+from .qcow2.format import decode_table
+from .qcow2.header import CRYPT_NAMES, INCOMPAT_CORRUPT, MAX_CLUSTER_BITS, Header
 from .qcow2.integrity import Integrity
 from .qcow2.reading import ReadPath
-from .qcow2.writing import WritePath
-from .qcow2.header import CRYPT_NAMES, INCOMPAT_CORRUPT, MAX_CLUSTER_BITS, Header
 from .qcow2.refcounts import RefcountStore
+from .qcow2.resize import resize_image
 from .qcow2.snapshots import find_snapshot, read_snapshot_table
-from .qcow2.tables import L2Cache, decode_table
+from .qcow2.tables import L2Cache
+from .qcow2.writing import WritePath
 
 DEFAULT_L2_CACHE_BYTES = 16 << 20  # maps 128 GiB of guest at 64 KiB clusters
 # QEMU's detect-zeroes: off; on (whole zero clusters become zero clusters, keeping their
@@ -60,7 +61,7 @@ class Image(ReadPath, WritePath, Integrity):
         self.cluster_size = header.cluster_size
         self.l2_bits = header.l2_bits
         self.l2_entries = 1 << self.l2_bits
-        self._lock = threading.RLock()
+        self.lock = threading.RLock()
         self.snapshots, self.snapshot_table_bytes = read_snapshot_table(f, header)
         l1_offset, l1_size = header.l1_table_offset, header.l1_size
         if snapshot is not None:
@@ -72,14 +73,15 @@ class Image(ReadPath, WritePath, Integrity):
             if -(-self.size // (self.cluster_size << self.l2_bits)) > l1_size:
                 raise FormatError(f"snapshot '{snapshot}' has an L1 table too small for its size")
         raw = f.pread(l1_offset, l1_size * 8) if l1_size else b""
-        self.l1: array.array = decode_table(raw)
-        self.l1_dirty: set[int] = set()
+        self.l1 = decode_table(raw)
+        self.l1_dirty = set()
         self.l2 = L2Cache(f, self.cluster_size, l2_cache_bytes)
+        self.refcount_cache_bytes = refcount_cache_bytes
         self.rc = RefcountStore(f, header, refcount_cache_bytes)
         self.alloc = Allocator(self.rc)
         # persistent dirty bitmaps; check opens (repair=True) report bad ones instead
-        self.bitmaps: Bitmaps | None = None
-        self.bitmap_error: str | None = None
+        self.bitmaps = None
+        self.bitmap_error = None
         if Bitmaps.present(header):
             try:
                 self.bitmaps = Bitmaps(f, header, header.size)
@@ -87,22 +89,21 @@ class Image(ReadPath, WritePath, Integrity):
                 if not repair:
                     raise
                 self.bitmap_error = str(e)
-        self._prepared = False
-        self._corrupt = False
-        self._l1_generation = 0
-        self._meta_key: tuple[int, int, int] | None = None
-        self._meta: frozenset[int] = frozenset()
+        self.prepared = False
+        self.marked_corrupt = False
+        self._meta_key = None
+        self._meta = frozenset()
         if detect_zeroes not in DETECT_ZEROES_MODES:
             raise ValueError(f"detect_zeroes must be one of {DETECT_ZEROES_MODES}")
         self.detect_zeroes = detect_zeroes
         self._zero_cluster = memoryview(bytes(self.cluster_size) if detect_zeroes != "off" else b"")
-        self._compressed_cache: tuple[int, bytes] | None = None
-        self._fast = FastPath(self)
+        self._compressed_cache = None
+        self.fast = FastPath(self)
 
     @classmethod
     def open(cls, path: str, writable: bool = False, lock: bool = True,
              backing: str | None = None, _seen: frozenset[tuple[int, int]] = frozenset(),
-             **options) -> "Image":
+             **options: Any) -> "Image":
         """Open and validate, with the backing chain; nothing is written to the file
         until the first write.
 
@@ -122,7 +123,7 @@ class Image(ReadPath, WritePath, Integrity):
             if lock:
                 lock_image(f.fd, writable, path)
             header = cls._read_header(f)
-            layer = None
+            layer: Layer | None = None
             if backing == "off":
                 if writable and header.backing_file is not None:
                     raise UnsupportedError("-o backing=off needs a read-only mount (-o ro): writes "
@@ -132,21 +133,26 @@ class Image(ReadPath, WritePath, Integrity):
             elif header.backing_file is not None:
                 seen = _seen | {file_identity(path)}
                 layer = open_backing(backing or header.backing_file, header.backing_format, path,
-                                     seen, lock, chosen=backing is not None, open_qcow2=cls.open)
-            backing = layer
+                                     seen, lock, chosen=backing is not None, open_qcow2=cls._open_layer)
             try:
-                return cls(f, header, writable, backing=backing, **options)
+                return cls(f, header, writable, backing=layer, **options)
             except BaseException:
-                if backing is not None:
-                    backing.close()
+                if layer is not None:
+                    layer.close()
                 raise
         except BaseException:
             f.close()
             raise
 
     @classmethod
+    def _open_layer(cls, path: str, *, writable: bool, lock: bool,
+                    _seen: frozenset[tuple[int, int]]) -> Layer:
+        """Image.open as backing.py's QcowOpener: a qcow2 backing layer."""
+        return cls.open(path, writable=writable, lock=lock, _seen=_seen)
+
+    @classmethod
     def open_file(cls, f: HostFile, writable: bool = False, backing: Layer | None = None,
-                  **options) -> "Image":
+                  **options: Any) -> "Image":
         """Open over an already open HostFile (or a substitute with the same methods,
         e.g. a recording layer in tests); an image with a backing file needs its
         `backing` layer given.  The caller keeps `f` if this raises."""
@@ -169,10 +175,17 @@ class Image(ReadPath, WritePath, Integrity):
             raise UnsupportedError("image is marked corrupt: mount it read-only (-o ro), or repair it "
                                    "with 'qcowfuse check --repair all' first")
 
+    def replace_refcount_structures(self) -> None:
+        """The refcount table the header names was rebuilt on disk (check's repair): read
+        it afresh, with a new allocator over it."""
+        self.rc = RefcountStore(self.f, self.header, self.refcount_cache_bytes)
+        self.alloc = Allocator(self.rc)
+        self.metadata_layout_changed()
+
     def unlocked_io(self) -> tuple[ReadFn, WriteFn]:
         """read and write for a caller that uses this image from one thread only (the FUSE
         daemon): the common request without the image lock (qcow2/fastpath.py)."""
-        return self._fast.unlocked(self._read_general, self.write)
+        return self.fast.unlocked(self._read_general, self.write)
 
     def resize(self, new_size: int) -> None:
         """Grow or shrink the guest disk (resize.py); ResizeError when refused."""
@@ -183,7 +196,7 @@ class Image(ReadPath, WritePath, Integrity):
             return
         try:
             self.flush()  # guest writes first: a failing bitmap store must not lose them
-            if self.bitmaps is not None and self.writable and not self._corrupt:
+            if self.bitmaps is not None and self.writable and not self.marked_corrupt:
                 self.bitmaps.store(self.alloc.free_later, self.flush)
         finally:
             self.f.close()

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import datetime
 import os
+from typing import Any
 
 from .backing import RawLayer
 from .image import Image
-from .qcow2.header import INCOMPAT_CORRUPT, INCOMPAT_DIRTY
 from .progress import Progress
+from .qcow2.header import INCOMPAT_CORRUPT, INCOMPAT_DIRTY
 
 
 def _feature_names(img: Image) -> dict[str, list[str]]:
@@ -27,20 +28,21 @@ def allocated_clusters(img: Image, progress: Progress | None = None) -> int:
     non-zero entries decoded (qcow2/scan.py)."""
     import numpy as np  # only this key needs the tables; the rest of info does not
 
-    from .qcow2.scan import OFFSET_MASK, OFLAG_COMPRESSED, TableReader, l2_entries, u64
+    from .qcow2.format import L1E_OFFSET_MASK, L2E_OFFSET_MASK, QCOW_OFLAG_COMPRESSED
+    from .qcow2.scan import TableReader, l2_entries, u64
 
     l1 = np.array(img.l1, dtype=np.uint64)
-    offsets = l1[(l1 & u64(OFFSET_MASK)) != 0] & u64(OFFSET_MASK)
+    offsets = l1[(l1 & u64(L1E_OFFSET_MASK)) != 0] & u64(L1E_OFFSET_MASK)
     tables, times = np.unique(offsets, return_counts=True)
     n = 0
     for at, batch in TableReader(img.f, img.cluster_size).batches(tables.tolist(), progress):
         t = l2_entries(batch, img.header.extended_l2)
-        used = (t.entry & u64(OFFSET_MASK | OFLAG_COMPRESSED)) != 0
+        used = (t.entry & u64(L2E_OFFSET_MASK | QCOW_OFLAG_COMPRESSED)) != 0
         n += int(times[at + t.row[used]].sum())
     return n
 
 
-def image_info(path: str, progress: Progress | None = None, allocated: bool = False) -> dict:
+def image_info(path: str, progress: Progress | None = None, allocated: bool = False) -> dict[str, Any]:
     """Open without locks (like qemu-img info -U): information only, never a write.
     Everything comes from the header, the snapshot table, the bitmap directory and the
     backing chain, as qemu-img info's does; only `allocated-bytes` (asked for with

@@ -34,7 +34,8 @@ _FLOCK_SIZE = 32
 def _flock(fd: int, cmd: int, lock_type: int, byte: int) -> int:
     buf = struct.pack(_FLOCK, lock_type, os.SEEK_SET, byte, 1, 0).ljust(_FLOCK_SIZE, b"\0")
     out = fcntl.fcntl(fd, cmd, buf)
-    return struct.unpack_from(_FLOCK, out)[0]
+    lock: int = struct.unpack_from(_FLOCK, out)[0]
+    return lock
 
 
 def _held_by_others(fd: int, byte: int) -> bool:

@@ -15,7 +15,7 @@ subcluster, as QEMU's block status reports them.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -23,9 +23,10 @@ from .backing import Layer, RawLayer
 from .errors import CorruptError
 from .image import Image
 from .progress import Progress
-from .qcow2.scan import (
-    BITMAP_ALL_ALLOC, KIND_COMPRESSED, KIND_NORMAL, KIND_ZERO, KIND_ZERO_ALLOC, OFFSET_MASK,
-    OFLAG_COMPRESSED, SUBCLUSTERS, TableReader, l2_entries, standard_kinds, u64)
+from .qcow2.format import (
+    L1E_OFFSET_MASK, L2E_OFFSET_MASK, QCOW_OFLAG_COMPRESSED, SUBCLUSTER_ALLOC_MASK,
+    SUBCLUSTER_ZERO_MASK, SUBCLUSTER_ZERO_SHIFT, SUBCLUSTERS, ClusterType, standard_kinds)
+from .qcow2.scan import L2Entries, TableReader, l2_entries, u64
 
 # What a stretch of guest bytes is, in one layer (QEMU's subcluster types).
 GAP = 0             # unallocated, no host cluster: the layer below answers
@@ -50,7 +51,7 @@ class Extent:
     data: bool
     offset: int | None = None
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         d = {"start": self.start, "length": self.length, "depth": self.depth,
              "present": self.present, "zero": self.zero, "data": self.data}
         if self.offset is not None:
@@ -67,27 +68,27 @@ class Extent:
         return prev.offset is None or prev.offset + prev.length == self.offset
 
 
-def _units(img: Image, l1_index: np.ndarray, t, ext: bool) -> tuple[np.ndarray, ...]:
+def _units(img: Image, l1_index: np.ndarray, t: L2Entries, ext: bool) -> tuple[np.ndarray, ...]:
     """(guest start, length, kind, host offset) of the non-gap units of a batch of tables,
     in guest order: clusters, or subclusters with extended L2."""
     cb, cs = img.cluster_bits, img.cluster_size
     guest = (l1_index[t.row].astype(np.int64) << img.l2_bits) + t.col.astype(np.int64)
-    host = (t.entry & u64(OFFSET_MASK)).astype(np.int64)
+    host = (t.entry & u64(L2E_OFFSET_MASK)).astype(np.int64)
     if not ext:
-        kinds = standard_kinds(t.entry, img.version)
-        mapped = np.zeros(len(kinds), np.uint8)
-        for k, m in ((KIND_NORMAL, DATA), (KIND_COMPRESSED, COMPRESSED), (KIND_ZERO, ZERO),
-                     (KIND_ZERO_ALLOC, ZERO_ALLOC)):
-            mapped[kinds == k] = m
+        std = standard_kinds(t.entry, img.version)
+        mapped = np.zeros(len(std), np.uint8)
+        for ct, m in ((ClusterType.NORMAL, DATA), (ClusterType.COMPRESSED, COMPRESSED),
+                      (ClusterType.ZERO_PLAIN, ZERO), (ClusterType.ZERO_ALLOC, ZERO_ALLOC)):
+            mapped[std == ct] = m
         keep = mapped != GAP
         return (guest[keep] << cb, np.full(int(keep.sum()), cs, np.int64), mapped[keep], host[keep])
-    compressed = (t.entry & u64(OFLAG_COMPRESSED)) != 0
+    compressed = (t.entry & u64(QCOW_OFLAG_COMPRESSED)) != 0
     has_host = host != 0
     # whole clusters where the bitmap is uniform (the common case), else per subcluster
     bm = t.bitmap
-    whole = compressed | (bm == u64(0)) | (bm == u64(BITMAP_ALL_ALLOC)) | \
-        (bm == u64(BITMAP_ALL_ALLOC << 32))
-    kind = np.where(bm == u64(BITMAP_ALL_ALLOC), DATA,
+    whole = compressed | (bm == u64(0)) | (bm == u64(SUBCLUSTER_ALLOC_MASK)) | \
+        (bm == u64(SUBCLUSTER_ZERO_MASK))
+    kind = np.where(bm == u64(SUBCLUSTER_ALLOC_MASK), DATA,
                     np.where(bm == u64(0), np.where(has_host, UNALLOC_ALLOC, GAP),
                              np.where(has_host, ZERO_ALLOC, ZERO))).astype(np.uint8)
     kind[compressed] = COMPRESSED
@@ -101,7 +102,7 @@ def _units(img: Image, l1_index: np.ndarray, t, ext: bool) -> tuple[np.ndarray, 
     sc_bits = cb - 5
     sub = np.arange(SUBCLUSTERS, dtype=np.uint64)
     alloc = ((bm[split, None] >> sub) & u64(1)) != 0
-    zero = ((bm[split, None] >> (sub + u64(32))) & u64(1)) != 0
+    zero = ((bm[split, None] >> (sub + u64(SUBCLUSTER_ZERO_SHIFT))) & u64(1)) != 0
     hh = has_host[split, None]
     k = np.where(alloc, DATA, np.where(zero, np.where(hh, ZERO_ALLOC, ZERO),
                                        np.where(hh, UNALLOC_ALLOC, GAP))).astype(np.uint8)
@@ -117,7 +118,8 @@ def _units(img: Image, l1_index: np.ndarray, t, ext: bool) -> tuple[np.ndarray, 
     return st[order], ln[order], kd[order], hs[order]
 
 
-def _runs(starts, lengths, kinds, hosts) -> list[tuple[int, int, int, int]]:
+def _runs(starts: np.ndarray, lengths: np.ndarray, kinds: np.ndarray,
+          hosts: np.ndarray) -> list[tuple[int, int, int, int]]:
     """Merge adjacent units of the same kind whose host offsets continue."""
     if not len(starts):
         return []
@@ -140,8 +142,8 @@ def _qcow2_runs(img: Image, start: int, end: int, progress: Progress | None
     ext = img.header.extended_l2
     first, last = start // span, (end - 1) // span
     l1 = np.array(img.l1[first:last + 1], dtype=np.uint64)
-    present = np.flatnonzero(l1 & u64(OFFSET_MASK))
-    offsets = (l1[present] & u64(OFFSET_MASK)).astype(np.int64)
+    present = np.flatnonzero(l1 & u64(L1E_OFFSET_MASK))
+    offsets = (l1[present] & u64(L1E_OFFSET_MASK)).astype(np.int64)
     bad = offsets[(offsets & (cs - 1)) != 0]
     if len(bad):
         raise CorruptError(f"L2 table at unaligned offset {int(bad[0]):#x}")
@@ -165,12 +167,12 @@ def _qcow2_runs(img: Image, start: int, end: int, progress: Progress | None
                     pending[1] += run[1]
                     continue
                 if pending is not None:
-                    out.append(tuple(pending))
+                    out.append((pending[0], pending[1], pending[2], pending[3]))
                 pending = run
             cursor = rs + rl
         yield from out
     if pending is not None:
-        yield tuple(pending)
+        yield pending[0], pending[1], pending[2], pending[3]
     if cursor < end:
         yield (cursor, end - cursor, GAP, 0)
 

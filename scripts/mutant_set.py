@@ -38,6 +38,7 @@ ZEROES = "qcowfuse/qcow2/zeroes.py"
 RC = "qcowfuse/qcow2/refcounts.py"
 HDR = "qcowfuse/qcow2/header.py"
 CHK = "qcowfuse/qcow2/check.py"
+FORMAT = "qcowfuse/qcow2/format.py"
 FUSE = "qcowfuse/fuse_ops.py"
 ACCESS = "tests/test_access.py"
 CUT = "tests/test_crash.py::test_power_cut_inside_every_flush_step"
@@ -139,7 +140,7 @@ MUTANTS = [
            "pass",
            ["tests/test_images.py::test_compressed_images"],
            "overwriting a compressed cluster releases its host clusters"),
-    Mutant("compressed-last-cluster-not-released", "qcowfuse/qcow2/compressed.py",
+    Mutant("compressed-last-cluster-not-released", FORMAT,
            "return range(first >> cluster_bits, (last >> cluster_bits) + 1)",
            "return range(first >> cluster_bits, (first >> cluster_bits) + 1)",
            ["tests/test_images.py::test_compressed_images"],
@@ -161,7 +162,7 @@ MUTANTS = [
            ["tests/test_images.py::test_zero_cluster_shared_with_snapshot_is_not_reused"],
            "a zero-flagged cluster shared with a snapshot is not reused in place"),
     Mutant("cow-old-data-not-released", WRITE,
-           "if old:  # 0: unallocated, nothing to release\n                        self._release(old)",
+           "if old:  # 0: unallocated, nothing to release\n                        self.release_entry(old)",
            "pass",
            ["tests/test_images.py::test_snapshots_are_never_changed"],
            "a cluster replaced by copy-on-write drops the reference it held"),
@@ -187,7 +188,7 @@ MUTANTS = [
            ["tests/test_zeroes_and_map.py::test_extended_l2_write_allocates_only_written_subclusters"],
            "a write to a new cluster marks only the subclusters written as allocated"),
     Mutant("subcluster-zero-bits-kept", WRITE,
-           "new_bitmap = (bitmap | touched) & ~(touched << 32)",
+           "new_bitmap = (bitmap | touched) & ~(touched << SUBCLUSTER_ZERO_SHIFT)",
            "new_bitmap = bitmap | touched",
            ["tests/test_zeroes_and_map.py::test_extended_l2_write_allocates_only_written_subclusters"],
            "a written subcluster loses its 'reads as zeros' bit"),
@@ -213,7 +214,7 @@ MUTANTS = [
            ["tests/test_zeroes_and_map.py::test_detect_zeroes_allocation"],
            "detect-zeroes=on keeps the host cluster"),
     Mutant("detect-zeroes-unmap-keeps", ZEROES,
-           "if not new & L2E_OFFSET_MASK:\n            img._release(old)",
+           "if not new & L2E_OFFSET_MASK:\n            img.release_entry(old)",
            "if not new & L2E_OFFSET_MASK:\n            pass",
            ["tests/test_zeroes_and_map.py::test_detect_zeroes_allocation"],
            "detect-zeroes=unmap frees the host cluster"),
@@ -229,7 +230,7 @@ MUTANTS = [
            ["tests/test_hostile.py::test_allocation_never_lands_on_metadata"],
            "a new cluster is never metadata (QEMU's overlap check)"),
     Mutant("overlap-data-target-unchecked", INTEG,
-           "if self._data_target_ok(first, first + count - 1):",
+           "if self.data_target_ok(first, first + count - 1):",
            "if True:",
            ["tests/test_hostile.py::test_write_through_pointer_into_metadata_is_refused"],
            "guest data is never written over metadata"),
@@ -249,8 +250,8 @@ MUTANTS = [
            ["tests/test_fastpath.py::test_small_requests_agree_with_qemu"],
            "one pread or pwrite serves a request only where its clusters are one host run"),
     Mutant("fastpath-run-checks-first-cluster", "qcowfuse/qcow2/fastpath.py",
-           "img._data_target_ok(host >> self.cluster_bits, (host + length - 1) >> self.cluster_bits)",
-           "img._data_target_ok(host >> self.cluster_bits, host >> self.cluster_bits)",
+           "img.data_target_ok(host >> self.cluster_bits, (host + length - 1) >> self.cluster_bits)",
+           "img.data_target_ok(host >> self.cluster_bits, host >> self.cluster_bits)",
            ["tests/test_fastpath.py::test_run_into_past_eof_is_refused"],
            "every cluster of a fast write is checked against metadata and the end of the file"),
     Mutant("fastpath-unlocked-read-into-hole", "qcowfuse/qcow2/fastpath.py",
@@ -264,7 +265,7 @@ MUTANTS = [
            ["tests/test_fastpath.py::test_quick_allocation_never_lands_on_metadata"],
            "the daemon's unlocked write marks the image corrupt where it refuses metadata"),
     Mutant("fastpath-unlocked-write-past-corrupt", "qcowfuse/qcow2/fastpath.py",
-           "if type(data) is bytes and img.writable and not img._corrupt:",
+           "if type(data) is bytes and img.writable and not img.marked_corrupt:",
            "if type(data) is bytes and img.writable:",
            ["tests/test_fastpath.py::test_cached_entry_into_metadata_is_refused"],
            "once the image is marked corrupt the daemon's unlocked writes are refused too"),
@@ -289,7 +290,7 @@ MUTANTS = [
            ["tests/test_fastpath.py::test_small_requests_agree_with_qemu"],
            "a cluster the fast path allocates gets COPIED (refcount 1)"),
     Mutant("fastpath-fresh-unchecked", "qcowfuse/qcow2/fastpath.py",
-           "img._check_fresh(c, 1)",
+           "img.check_fresh(c, 1)",
            "pass",
            ["tests/test_fastpath.py::test_quick_allocation_never_lands_on_metadata"],
            "a cluster the fast path allocates is never metadata (QEMU's overlap check)"),
@@ -329,7 +330,7 @@ MUTANTS = [
            ["tests/test_check.py::test_rw_mount_heals_vmd_damage_before_allocating"],
            "metadata with refcount 0 is counted before the first write"),
     Mutant("dirty-not-rebuilt", WRITE,
-           "self._repair_dirty()",
+           "self.repair_dirty()",
            "pass",
            ["tests/test_images.py::test_dirty_lazy_refcount_image_is_repaired_before_writing"],
            "a dirty (lazy refcounts) image is rebuilt before the first write"),
@@ -442,7 +443,7 @@ MUTANTS = [
            ["tests/test_crash.py::test_power_cut_during_repair"],
            "a crash during --repair all loses nothing (new table synced before the header switch)"),
     Mutant("check-copied-not-fixed", CHK,
-           "words[j * step] = u64(l2e | OFLAG_COPIED if rc == 1 else l2e & ~OFLAG_COPIED)",
+           "words[j * step] = u64(l2e | QCOW_OFLAG_COPIED if rc == 1 else l2e & ~QCOW_OFLAG_COPIED)",
            "pass",
            ["tests/test_check.py::test_copied_flag_errors_repaired"],
            "--repair all fixes COPIED flags"),
@@ -451,9 +452,9 @@ MUTANTS = [
            "pass",
            ["tests/test_check.py::test_repair_all_clears_the_corrupt_bit"],
            "--repair all clears the dirty and corrupt bits"),
-    Mutant("check-compressed-miscounted", "qcowfuse/qcow2/scan.py",
-           "return offset, sectors * u64(512) - (offset & u64(511))",
-           "return offset, u64(512) - (offset & u64(511))",
+    Mutant("check-compressed-miscounted", FORMAT,
+           "return offset, sectors * np.uint64(SECTOR) - (offset & np.uint64(SECTOR - 1))",
+           "return offset, np.uint64(SECTOR) - (offset & np.uint64(SECTOR - 1))",
            ["tests/test_check.py::test_counts_agree_on_compressed_image"],
            "check counts every host cluster compressed data spans"),
     Mutant("check-live-image-not-flushed", CHK,
@@ -473,8 +474,8 @@ MUTANTS = [
            "the old L1 table is freed only after the switch is known to be on disk"),
     # -- a shrink gives the host space back (punch, emptied refcount blocks, cut file)
     Mutant("resize-shrink-not-punched", "qcowfuse/qcow2/resize.py",
-           "                img._release(entry, discard=True)",
-           "                img._release(entry)",
+           "                img.release_entry(entry, discard=True)",
+           "                img.release_entry(entry)",
            ["tests/test_resize_space.py::test_offline_shrink_gives_space_back"],
            "the clusters a shrink frees are punched out of the host file"),
     Mutant("resize-shrink-cut-before-refcount-sync", "qcowfuse/qcow2/resize.py",
@@ -499,8 +500,8 @@ MUTANTS = [
            "a dropped refcount block counted by another block loses that count only after "
            "its table entry is zero on disk"),
     Mutant("resize-shrink-cut-trusts-refcounts-only", "qcowfuse/qcow2/resize.py",
-           "max(img._metadata_set()), _last_mapped(img))",
-           "max(img._metadata_set()))",
+           "max(img.metadata_set()), _last_mapped(img))",
+           "max(img.metadata_set()))",
            ["tests/test_resize_space.py::test_shrink_never_cuts_off_mapped_data_whose_refcount_is_zero"],
            "the cut after a shrink keeps every cluster an L2 table maps, even one with refcount 0"),
     Mutant("resize-shrink-cut-misreads-compressed", "qcowfuse/qcow2/tables.py",
@@ -519,16 +520,16 @@ MUTANTS = [
            ["tests/test_resize_space.py::test_truncate_through_mount_gives_space_back_and_grows_again"],
            "after the cut the file grows again from its new end (no stale preallocated tail)"),
     Mutant("read-size-clipped-before-lock", READ,
-           "        with self._lock:  # the size too: a resize in another thread may shrink it meanwhile\n"
+           "        with self.lock:  # the size too: a resize in another thread may shrink it meanwhile\n"
            "            length = max(0, min(length, self.size - offset))\n",
            "        length = max(0, min(length, self.size - offset))\n"
-           "        with self._lock:\n",
+           "        with self.lock:\n",
            ["tests/test_engine.py::test_read_racing_a_shrink_from_another_thread_is_clipped_at_the_new_end"],
            "a read is clipped at the virtual size under the image lock (a racing shrink)"),
     Mutant("write-size-checked-before-lock", WRITE,
-           "with self._lock:  # the size too: a resize in another thread may shrink it meanwhile\n"
+           "with self.lock:  # the size too: a resize in another thread may shrink it meanwhile\n"
            "            if offset < 0 or offset + length > self.size:",
-           "size = self.size\n        with self._lock:\n            if offset < 0 or offset + length > size:",
+           "size = self.size\n        with self.lock:\n            if offset < 0 or offset + length > size:",
            ["tests/test_engine.py::test_write_racing_a_shrink_from_another_thread_is_refused"],
            "a write is checked against the virtual size under the image lock (a shrink in "
            "another thread cannot slip in between)"),
@@ -655,4 +656,11 @@ MUTANTS = [
            'elif False:',
            [f"{ACCESS}::test_io_uring_is_refused"],
            "-o io_uring is refused with the reason"),
+    # -- the engine's declared interface (qcow2/state.py), held by the type checker
+    Mutant("interface-undeclared-attribute", "qcowfuse/qcow2/resize.py",
+           "        img.alloc.free_later(off >> cb, discard=True)\n    img.metadata_layout_changed()",
+           "        img.alloc.free_later(off >> cb, discard=True)\n    img.metadata_layout_changed()\n"
+           "    img._l1_generation = 0",
+           ["tests/test_types.py"],
+           "a module uses only what ImageState declares of another"),
 ]

@@ -286,7 +286,7 @@ def _shrink_while_parked(img: Image, new_size: int, action) -> list:
     shrink the disk to new_size; returns [what action returned, or the exception]."""
     import threading
 
-    real, parked, out = img._lock, threading.Event(), []
+    real, parked, out = img.lock, threading.Event(), []
 
     class ParkingLock:  # tells when the other thread waits for the lock
         def __enter__(self):
@@ -304,13 +304,13 @@ def _shrink_while_parked(img: Image, new_size: int, action) -> list:
             out.append(e)
 
     with real:
-        img._lock = ParkingLock()
+        img.lock = ParkingLock()
         t = threading.Thread(target=run)
         t.start()
         assert parked.wait(60), "the other thread never reached the image lock"
         img.resize(new_size)
     t.join()
-    img._lock = real
+    img.lock = real
     return out
 
 
@@ -341,7 +341,7 @@ def test_read_racing_a_shrink_from_another_thread_is_clipped_at_the_new_end(tmp_
     path = qemu.create(tmp_path / "r.qcow2", 8 * MiB, 512)
     with Image.open(str(path), writable=True) as img:
         img.write(0, b"\x01" * 4096)
-        img._fast.reads = False  # the general path (the fast path checks under the lock)
+        img.fast.reads = False  # the general path (the fast path checks under the lock)
         got = _shrink_while_parked(img, 4 * MiB, lambda: img.read(6 * MiB, 4096))
     assert got == [b""], got
     qemu.assert_clean(path)

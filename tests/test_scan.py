@@ -15,8 +15,7 @@ from hypothesis import strategies as st
 
 import qemu
 from conftest import run_cli
-from qcowfuse.qcow2.refcounts import RefblockCodec
-from qcowfuse.qcow2.scan import decode_refblock, encode_refblock
+from qcowfuse.qcow2.format import RefblockCodec, decode_refblock, encode_refblock
 from test_check import assert_same_counts
 
 MiB = 1 << 20

@@ -29,12 +29,12 @@ import re
 import struct
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 from ..errors import FormatError
 from ..hostfile import HostFile
 from .header import AUTOCLEAR_BITMAPS, EXT_BITMAPS, OFF_AUTOCLEAR_FEATURES, Header
-from .tables import decode_table, encode_table
+from .format import decode_table, encode_table
 
 # Header extension: nb_bitmaps u32, reserved u32, bitmap_directory_size u64,
 # bitmap_directory_offset u64.
@@ -106,7 +106,7 @@ class Bitmap:
     flags: int
     granularity_bits: int
     type: int = BT_DIRTY_TRACKING_BITMAP
-    table: array.array = field(default_factory=lambda: array.array("Q"))
+    table: array.array[int] = field(default_factory=lambda: array.array("Q"))
 
     @property
     def in_use(self) -> bool:
@@ -240,7 +240,7 @@ class Bitmaps:
         self._changed: set[tuple[str, int]] = set()
         self._spilled: dict[tuple[str, int], int] = {}  # touched data, in a new cluster
         self._touched: dict[str, set[int]] = {}
-        self._disk_tables: dict[str, array.array] = {}  # each tracked table as on disk
+        self._disk_tables: dict[str, array.array[int]] = {}  # each tracked table as on disk
         self._orphans: list[int] = []  # spilled clusters no chunk needs any more
 
     @staticmethod
@@ -278,7 +278,7 @@ class Bitmaps:
             for c in range(first, first + max(1, -(-ref.length // self.cs))):
                 yield ref.what, c
 
-    def info(self) -> list[dict]:
+    def info(self) -> list[dict[str, Any]]:
         """As `qemu-img info` lists them (format-specific data)."""
         out = []
         for bm in self.list:
@@ -476,7 +476,7 @@ class Bitmaps:
                 cur = table[idx] & BME_TABLE_ENTRY_OFFSET_MASK
                 if cur and key not in self._spilled and data == _read(self.f, cur, cs):
                     continue  # only bits that were set already: keep the old cluster
-                if data is not None and not data.strip(b"\xff"):
+                if data is None or not data.strip(b"\xff"):  # all ones: no cluster
                     table[idx] = BME_TABLE_ENTRY_FLAG_ALL_ONES
                     if key in self._spilled:
                         free_later(self._spilled.pop(key) >> cb)

@@ -19,19 +19,22 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..errors import FormatError, UnsupportedError
 from ..progress import Progress, TerminalProgress, scaled
-from .allocator import Allocator
+from .format import (
+    L1E_OFFSET_MASK, L2E_OFFSET_MASK, QCOW_OFLAG_COMPRESSED, QCOW_OFLAG_COPIED, decode_refblock,
+    encode_refblock)
 from .header import CRYPT_LUKS, EXT_CRYPTO, MAX_REFTABLE_BYTES, OFF_REFCOUNT_TABLE
 from .references import (
     COPIED_REF, REFCOUNT_ONE, REFCOUNT_UNKNOWN, UNCOPIED_REF, References)
-from .refcounts import RefcountStore
-from .scan import (
-    BE64, OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, U64, TableReader,
-    decode_refblock, encode_refblock, u64)
+from .scan import BE64, U64, TableReader, u64
+
+if TYPE_CHECKING:
+    from .state import ImageState
 
 __all__ = ["Checker", "CheckReport", "TerminalProgress", "REPAIR_MODES"]
 
@@ -67,7 +70,7 @@ class CheckReport:
             return 3
         return 0
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         """The keys of `qemu-img check --output=json`."""
         out = {"image-end-offset": self.image_end_offset, "total-clusters": self.total_clusters,
                "check-errors": self.check_errors, "allocated-clusters": self.allocated_clusters,
@@ -83,7 +86,7 @@ class CheckReport:
 
 
 class Checker:
-    def __init__(self, img, progress: Progress | None = None,
+    def __init__(self, img: ImageState, progress: Progress | None = None,
                  extra_ranges: list[tuple[int, int]] | None = None) -> None:
         """extra_ranges: (offset, length) of host ranges other structures use (counted once
         each, like any metadata), e.g. persistent bitmaps."""
@@ -240,7 +243,7 @@ class Checker:
         if cluster < len(refs.flags) and refs.flags[cluster] & REFCOUNT_UNKNOWN:
             return None
         try:
-            return self.img.rc.get(cluster)
+            return int(self.img.rc.get(cluster))
         except Exception:  # a broken refcount block: QEMU skips it silently too
             return None
 
@@ -251,24 +254,24 @@ class Checker:
         img = self.img
         flags = refs.flags
         l1 = np.array(img.l1, dtype=U64)
-        present = np.flatnonzero(l1 & u64(OFFSET_MASK))
-        l2_offsets = (l1[present] & u64(OFFSET_MASK)).astype(np.int64)
+        present = np.flatnonzero(l1 & u64(L1E_OFFSET_MASK))
+        l2_offsets = (l1[present] & u64(L1E_OFFSET_MASK)).astype(np.int64)
         clusters = l2_offsets >> self.cb
         inside = clusters < len(flags)
         one = np.zeros(len(present), bool)
         one[inside] = (flags[clusters[inside]] & REFCOUNT_ONE) != 0
-        copied = (l1[present] & u64(OFLAG_COPIED)) != 0
+        copied = (l1[present] & u64(QCOW_OFLAG_COPIED)) != 0
         suspects = np.flatnonzero((one != copied) | ~inside)
         for k in suspects.tolist():
             i, c = int(present[k]), int(clusters[k])
             rc = self._refcount(refs, c)
             l1e = int(l1[present[k]])
-            if rc is None or (rc == 1) == bool(l1e & OFLAG_COPIED):
+            if rc is None or (rc == 1) == bool(l1e & QCOW_OFLAG_COPIED):
                 continue
             report.messages.append(f"{'Repairing' if fix else 'ERROR'} OFLAG_COPIED L2 cluster: "
                                    f"l1_index={i} l1_entry={l1e:x} refcount={rc}")
             if fix:
-                img.l1[i] = l1e | OFLAG_COPIED if rc == 1 else l1e & ~OFLAG_COPIED
+                img.l1[i] = l1e | QCOW_OFLAG_COPIED if rc == 1 else l1e & ~QCOW_OFLAG_COPIED
                 img.l1_dirty.add(i)
                 report.corruptions_fixed += 1
             else:
@@ -298,18 +301,18 @@ class Checker:
         for l2_offset in l2_offsets:
             words = reader.read([l2_offset])[0].astype(U64)
             entries = words[::step]
-            normal = np.flatnonzero(((entries & u64(OFLAG_COMPRESSED)) == 0) &
-                                    ((entries & u64(OFFSET_MASK)) != 0))
+            normal = np.flatnonzero(((entries & u64(QCOW_OFLAG_COMPRESSED)) == 0) &
+                                    ((entries & u64(L2E_OFFSET_MASK)) != 0))
             dirty = False
             for j in normal.tolist():
                 l2e = int(entries[j])
-                rc = self._refcount(refs, (l2e & OFFSET_MASK) >> cb)
-                if rc is None or (rc == 1) == bool(l2e & OFLAG_COPIED):
+                rc = self._refcount(refs, (l2e & L2E_OFFSET_MASK) >> cb)
+                if rc is None or (rc == 1) == bool(l2e & QCOW_OFLAG_COPIED):
                     continue
                 report.messages.append(f"{'Repairing' if fix else 'ERROR'} OFLAG_COPIED data cluster: "
                                        f"l2_entry={l2e:x} refcount={rc}")
                 if fix:
-                    words[j * step] = u64(l2e | OFLAG_COPIED if rc == 1 else l2e & ~OFLAG_COPIED)
+                    words[j * step] = u64(l2e | QCOW_OFLAG_COPIED if rc == 1 else l2e & ~QCOW_OFLAG_COPIED)
                     dirty = True
                     report.corruptions_fixed += 1
                 else:
@@ -364,8 +367,7 @@ class Checker:
         self.f.sync()
         img.header.refcount_table_offset = start * cs
         img.header.refcount_table_clusters = table_clusters
-        img.rc = RefcountStore(self.f, img.header)
-        img.alloc = Allocator(img.rc)
+        img.replace_refcount_structures()
 
     # -- the whole check -------------------------------------------------------------------
 

@@ -12,7 +12,7 @@ not cached, a write that allocates more than that one cluster, the first write o
 session), returns "not handled" having done nothing, and takes the general path
 (qcow2/reading.py, qcow2/writing.py), which owns every error.  The one check a fast
 in-place write needs, that guest data never lands on metadata or past the end of the
-file (QEMU's overlap check), is the general path's own predicate (_data_target_ok); where
+file (QEMU's overlap check), is the general path's own predicate (data_target_ok); where
 it fails the fast path declines, so the general path raises and marks the image corrupt.
 Extended L2 entries and detect-zeroes always take the general path.  Constants are
 derived once here, not per request.
@@ -32,8 +32,8 @@ from typing import TYPE_CHECKING, Callable
 
 from ..errors import CorruptError
 from ..hostfile import HostFile
-from .tables import (
-    L1E_OFFSET_MASK, L2E_OFFSET_MASK, QCOW_OFLAG_COMPRESSED, QCOW_OFLAG_COPIED, QCOW_OFLAG_ZERO)
+from .format import (
+    L1E_OFFSET_MASK, L2E_OFFSET_MASK, QCOW_OFLAG_COPIED, QCOW_OFLAG_ZERO, plain_data_flags)
 
 if TYPE_CHECKING:
     from .state import ImageState
@@ -52,16 +52,15 @@ class FastPath:
         self.in_cluster = img.cluster_size - 1
         self.l2_bits = img.l2_bits
         self.l2_index = img.l2_entries - 1
-        # entries with these bits are not plain data (the zero flag exists from v3)
-        self.special = QCOW_OFLAG_COMPRESSED | (QCOW_OFLAG_ZERO if img.version >= 3 else 0)
+        self.special = plain_data_flags(img.version)
         self.reads = not img.header.extended_l2
         self.writes = self.reads and img.detect_zeroes == "off"
         # L2 entries of clusters that read as zeros and hold no host cluster
         self.fresh = frozenset(([0] if img.backing is None else [])
                                + ([QCOW_OFLAG_ZERO] if img.version >= 3 else []))
-        self._table: array.array | None = None  # where _host found a FRESH entry
+        self._table: array.array[int] | None = None  # where _host found a FRESH entry
         self._index = 0
-        self._l2_offset = 0
+        self.active_l2_offset = 0
 
     def _host(self, offset: int, length: int, for_write: bool) -> int:
         """Host offset of guest [offset, offset+length), or UNHANDLED when not a fast case: the
@@ -89,7 +88,7 @@ class FastPath:
         host = entry & L2E_OFFSET_MASK
         if not host or entry & self.special or host & self.in_cluster:
             if for_write and not more and entry in self.fresh:
-                self._table, self._index, self._l2_offset = table, i, l2_offset
+                self._table, self._index, self.active_l2_offset = table, i, l2_offset
                 return FRESH
             return UNHANDLED
         if for_write and not entry & QCOW_OFLAG_COPIED:
@@ -131,7 +130,7 @@ class FastPath:
             return read(offset, length)
 
         def write_unlocked(offset: int, data: bytes | memoryview) -> int:
-            if type(data) is bytes and img.writable and not img._corrupt:
+            if type(data) is bytes and img.writable and not img.marked_corrupt:
                 try:
                     if fast_write(offset, data):
                         return len(data)
@@ -146,7 +145,7 @@ class FastPath:
         if not self.reads:
             return None
         img = self.img
-        with img._lock:
+        with img.lock:
             host = self._host(offset, length, False)
             return img.f.pread(host, length) if host >= 0 else None
 
@@ -158,14 +157,14 @@ class FastPath:
         cluster would be metadata or past the end of the file, nothing is done: the general
         path then refuses with its own error."""
         img = self.img
-        if not self.writes or not img._prepared:
+        if not self.writes or not img.prepared:
             return False
         length = len(view)
         host = self._host(offset, length, True)
         if host < 0:
             return host == FRESH and self._write_fresh(offset, view)
-        if not img._data_target_ok(host >> self.cluster_bits, (host + length - 1) >> self.cluster_bits):
-            return False  # the general path's _check_data_target refuses it
+        if not img.data_target_ok(host >> self.cluster_bits, (host + length - 1) >> self.cluster_bits):
+            return False  # the general path's check_data_target refuses it
         if img.bitmaps is not None:
             img.bitmaps.mark(offset, length)
         f = img.f
@@ -183,14 +182,14 @@ class FastPath:
         c = img.alloc.alloc_quick()
         if c < 0:
             return False
-        img._check_fresh(c, 1)
+        img.check_fresh(c, 1)
         if img.bitmaps is not None:
             img.bitmaps.mark(offset, len(view))
         host = c << self.cluster_bits
-        img._write_new_in_zeros(host, self.in_cluster + 1, offset & self.in_cluster, view)
+        img.write_new_in_zeros(host, self.in_cluster + 1, offset & self.in_cluster, view)
         assert self._table is not None
         self._table[self._index] = host | QCOW_OFLAG_COPIED  # nothing to release: no host cluster
-        img.l2.mark_dirty(self._l2_offset)
+        img.l2.mark_dirty(self.active_l2_offset)
         if img.l2.over_budget:
             img.flush()
         return True

@@ -9,21 +9,27 @@ tables, refcounts (rc), snapshots and bitmaps.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import logging
+
 import struct
 
 from ..errors import CorruptError, UnsupportedError
+from .format import L1E_OFFSET_MASK
 from .header import INCOMPAT_CORRUPT, INCOMPAT_DIRTY, OFF_INCOMPATIBLE_FEATURES
-from .tables import L1E_OFFSET_MASK
+from .state import ImageState
 
 
-def _log():
+def _log() -> logging.Logger:
     import logging  # the daemon has it loaded; the offline commands seldom log
 
     return logging.getLogger("qcowfuse")
 
 
-class Integrity:
-    def _repair_dirty(self) -> None:
+class Integrity(ImageState):
+    def repair_dirty(self) -> None:
         """A writer with lazy refcounts (compatible bit 0) died: its refcounts may be
         too low.  Rebuild them before allocating anything, as QEMU does on open."""
         from .check import Checker  # check walks an Image: import at call time
@@ -56,32 +62,37 @@ class Integrity:
             out += list(self.bitmaps.clusters())
         return out
 
-    def _metadata_set(self) -> frozenset[int]:
+    def metadata_set(self) -> frozenset[int]:
         """Host clusters that guest data must never be written to (QEMU's overlap check),
-        rebuilt only when the metadata layout changed."""
-        key = (self.rc.generation, self.header.refcount_table_offset, self._l1_generation)
+        rebuilt only when the metadata layout changed (refcount blocks and table here,
+        other tables by metadata_layout_changed)."""
+        key = (self.rc.generation, self.header.refcount_table_offset)
         if self._meta_key != key:
             self._meta = frozenset(c for _, c in self.metadata_clusters())
             self._meta_key = key
         return self._meta
 
-    def _data_target_ok(self, first: int, last: int) -> bool:
+    def metadata_layout_changed(self) -> None:
+        """An L1 or L2 table moved or was added: metadata_set is rebuilt on next use."""
+        self._meta_key = None
+
+    def data_target_ok(self, first: int, last: int) -> bool:
         """Guest data may go to host clusters first..last: none is metadata (QEMU's overlap
         check) and none lies past the end of the file.  Per request: one C call."""
-        meta = self._metadata_set()
+        meta = self.metadata_set()
         return (last + 1) << self.cluster_bits <= self.f.end() and (
             first not in meta if first == last else meta.isdisjoint(range(first, last + 1)))
 
-    def _check_data_target(self, first: int, count: int) -> None:
+    def check_data_target(self, first: int, count: int) -> None:
         """Refuse guest data headed for metadata or for a cluster past the end of the file."""
-        if self._data_target_ok(first, first + count - 1):
+        if self.data_target_ok(first, first + count - 1):
             return
-        overlap = self._metadata_set().intersection(range(first, first + count))
+        overlap = self.metadata_set().intersection(range(first, first + count))
         if overlap:
             raise CorruptError(f"data cluster {min(overlap)} overlaps metadata; refusing to overwrite it")
         raise CorruptError(f"data cluster {first + count - 1} lies past the end of the image file")
 
-    def _check_metadata_refcounts(self) -> None:
+    def check_metadata_refcounts(self) -> None:
         """Metadata with refcount 0 (OpenBSD vmd's bug) would be handed out as free space
         and overwritten; count each such cluster once, which is what it should have had."""
         healed = []
@@ -100,9 +111,9 @@ class Integrity:
             self.rc.flush()
             _log().warning("healed refcount 0 of in-use metadata clusters: %s", ", ".join(healed))
 
-    def _check_fresh(self, first: int, count: int) -> None:
+    def check_fresh(self, first: int, count: int) -> None:
         """A newly allocated run must not be metadata (a refcount of 0 on a table)."""
-        meta = self._metadata_set()
+        meta = self.metadata_set()
         if count == 1 and first not in meta:  # one cluster per fresh write: no range built
             return
         if not meta.isdisjoint(range(first, first + count)):
@@ -122,9 +133,9 @@ class Integrity:
     def mark_corrupt(self, reason: str) -> None:
         """Refuse further writes and set the header's corrupt bit (v3), as QEMU's
         qcow2_signal_corruption does, rather than risk overwriting metadata."""
-        if not self.writable or self._corrupt:
+        if not self.writable or self.marked_corrupt:
             return
-        self._corrupt = True
+        self.marked_corrupt = True
         _log().error("marking image corrupt: %s", reason)
         if self.version < 3:
             return

@@ -26,7 +26,7 @@ from ..hostfile import HostFile
 from .header import MAX_L1_BYTES, Header
 from .allocator import alloc_contiguous
 from .refcounts import RefcountStore
-from .tables import encode_table
+from .format import encode_table
 
 # docs/interop/qcow2.rst, "Header": l1_size (u32) at 36, l1_table_offset (u64) at 40.
 OFF_L1_SIZE = 36
@@ -38,8 +38,8 @@ def l1_entries_for(size: int, cluster_size: int, l2_bits: int) -> int:
     return -(-size // (cluster_size << l2_bits))
 
 
-def grow_l1_table(f: HostFile, header: Header, rc: RefcountStore, l1: array.array,
-                  new_l1_size: int, check_fresh: Callable[[int, int], None]) -> tuple[array.array, list[int]]:
+def grow_l1_table(f: HostFile, header: Header, rc: RefcountStore, l1: array.array[int],
+                  new_l1_size: int, check_fresh: Callable[[int, int], None]) -> tuple[array.array[int], list[int]]:
     """Write a copy of `l1` grown to `new_l1_size` entries in new clusters and switch
     the header to it.  The caller must have flushed every dirty table first (the
     copy is taken from memory and must not point at L2 tables not yet on disk).

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Hashable
+from typing import Any, Hashable
 
 
-def evict_clean(entries: OrderedDict, dirty: set, limit: int) -> None:
+def evict_clean(entries: OrderedDict[Any, Any], dirty: set[Any], limit: int) -> None:
     """Drop least recently used entries that are not dirty until at most `limit`
     remain; dirty ones stay until written, and the most recent entry always stays."""
     if len(entries) <= limit:

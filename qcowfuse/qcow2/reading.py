@@ -3,7 +3,7 @@ file, compressed clusters), then one pread per host extent.
 
 A mixin of Image (qcowfuse/image.py), as QEMU's block/qcow2-cluster.c works on the
 one BDRVQcow2State: it uses the image's f, header, version, geometry (cluster_bits,
-cluster_size, l2_bits, l2_entries, size), l1, l2 cache, backing layer and _lock.
+cluster_size, l2_bits, l2_entries, size), l1, l2 cache, backing layer and lock.
 It changes nothing on disk.
 """
 
@@ -12,10 +12,11 @@ from __future__ import annotations
 import array
 
 from ..errors import CorruptError
-from .compressed import CompressedDescriptor, decompress
-from .tables import (
-    L1E_OFFSET_MASK, L2E_OFFSET_MASK, QCOW_OFLAG_COMPRESSED, QCOW_OFLAG_ZERO, ClusterType,
-    classify)
+from .compressed import decompress
+from .format import (
+    L1E_OFFSET_MASK, L2E_OFFSET_MASK, QCOW_OFLAG_COMPRESSED, SUBCLUSTER_ZERO_SHIFT, SUBCLUSTERS,
+    ClusterType, CompressedDescriptor, classify, plain_data_flags)
+from .state import ImageState
 
 
 def _add_extent(plan: list[tuple[ClusterType, int, int, int]], kind: ClusterType, src: int,
@@ -30,24 +31,24 @@ def _add_extent(plan: list[tuple[ClusterType, int, int, int]], kind: ClusterType
     plan.append((kind, src, pos, n))
 
 
-class ReadPath:
-    def _l2_table(self, l1_index: int) -> array.array | None:
+class ReadPath(ImageState):
+    def l2_table(self, l1_index: int) -> array.array[int] | None:
         entry = self.l1[l1_index]
         off = entry & L1E_OFFSET_MASK
         if not off:
             return None
         return self.l2.get(off)
 
-    def _host_check(self, off: int, what: str) -> None:
+    def host_check(self, off: int, what: str) -> None:
         if off % self.cluster_size:
             raise CorruptError(f"{what} at unaligned host offset {off:#x}")
 
-    def cluster_content(self, entry: int, guest_cluster: int) -> bytes:
+    def cluster_content(self, entry: int, guest_cluster: int) -> bytes | bytearray:
         """A guest cluster's whole content given its L2 entry (for copy-on-write)."""
         kind = classify(entry, self.version)
         if kind is ClusterType.NORMAL:
             off = entry & L2E_OFFSET_MASK
-            self._host_check(off, "data cluster")
+            self.host_check(off, "data cluster")
             return self.f.pread(off, self.cluster_size)
         if kind is ClusterType.COMPRESSED:
             return self._compressed(entry)
@@ -55,7 +56,7 @@ class ReadPath:
             return self._backing_read(guest_cluster << self.cluster_bits, self.cluster_size)
         return bytes(self.cluster_size)
 
-    def _backing_read(self, offset: int, length: int) -> bytes:
+    def _backing_read(self, offset: int, length: int) -> bytes | bytearray:
         """Guest bytes from the layer below; zeros past its end."""
         assert self.backing is not None
         avail = max(0, min(length, self.backing.size - offset))
@@ -75,7 +76,7 @@ class ReadPath:
     def read(self, offset: int, length: int) -> bytes | bytearray:
         """Guest bytes [offset, offset+length), clipped at the virtual size (a bytearray
         when assembled from several extents: returned as is, without a copy)."""
-        data = self._fast.read(offset, length)
+        data = self.fast.read(offset, length)
         if data is not None:
             return data
         return self._read_general(offset, length)
@@ -84,7 +85,7 @@ class ReadPath:
         """read, where the fast path declined (or was not asked: FastPath.unlocked)."""
         if offset < 0 or length < 0:
             raise ValueError("negative offset or length")
-        with self._lock:  # the size too: a resize in another thread may shrink it meanwhile
+        with self.lock:  # the size too: a resize in another thread may shrink it meanwhile
             length = max(0, min(length, self.size - offset))
             plan = self._read_plan(offset, length)
             if not plan:
@@ -110,15 +111,14 @@ class ReadPath:
         if self.header.extended_l2:
             return self._read_plan_subclusters(offset, length)
         cb, cs = self.cluster_bits, self.cluster_size
-        # entries with these bits are not plain data (the zero flag exists from v3)
-        special = QCOW_OFLAG_COMPRESSED | (QCOW_OFLAG_ZERO if self.version >= 3 else 0)
+        special = plain_data_flags(self.version)
         backing = self.backing is not None
         plan: list[tuple[ClusterType, int, int, int]] = []
         pos = 0
         while pos < length:
             g = (offset + pos) >> cb
             l2i = g & (self.l2_entries - 1)
-            table = self._l2_table(g >> self.l2_bits)
+            table = self.l2_table(g >> self.l2_bits)
             n_cl = min(self.l2_entries - l2i, ((offset + length - 1) >> cb) - g + 1)
             for i in range(l2i, l2i + n_cl):
                 voff = offset + pos
@@ -126,7 +126,7 @@ class ReadPath:
                 entry = table[i] if table is not None else 0
                 if entry & L2E_OFFSET_MASK and not entry & special:
                     host = entry & L2E_OFFSET_MASK
-                    self._host_check(host, "data cluster")
+                    self.host_check(host, "data cluster")
                     _add_extent(plan, ClusterType.NORMAL, host + (voff & (cs - 1)), pos, n)
                 elif entry & QCOW_OFLAG_COMPRESSED:
                     _add_extent(plan, ClusterType.COMPRESSED, entry, pos, n)
@@ -148,7 +148,7 @@ class ReadPath:
         while pos < length:
             voff = offset + pos
             g = voff >> cb
-            table = self._l2_table(g >> self.l2_bits)
+            table = self.l2_table(g >> self.l2_bits)
             i = 2 * (g & (self.l2_entries - 1))
             entry, bitmap = (table[i], table[i + 1]) if table is not None else (0, 0)
             if entry & QCOW_OFLAG_COMPRESSED:
@@ -156,18 +156,18 @@ class ReadPath:
                 _add_extent(plan, ClusterType.COMPRESSED, entry, pos, n)
                 pos += n
                 continue
-            sub = (voff >> sc_bits) & 31
+            sub = (voff >> sc_bits) & (SUBCLUSTERS - 1)
             n = min(sc - (voff & (sc - 1)), length - pos)
             if bitmap >> sub & 1:
                 host = entry & L2E_OFFSET_MASK
-                self._host_check(host, "data cluster")
+                self.host_check(host, "data cluster")
                 _add_extent(plan, ClusterType.NORMAL, host + (voff & (cs - 1)), pos, n)
-            elif not bitmap >> (32 + sub) & 1 and backing:
+            elif not bitmap >> (SUBCLUSTER_ZERO_SHIFT + sub) & 1 and backing:
                 _add_extent(plan, ClusterType.UNALLOCATED, voff, pos, n)
             pos += n
         return plan
 
-    def _subcluster_content(self, entry: int, bitmap: int, guest_cluster: int, start: int, end: int) -> bytes:
+    def subcluster_content(self, entry: int, bitmap: int, guest_cluster: int, start: int, end: int) -> bytes:
         """Bytes [start, end) of a guest cluster as an extended L2 entry describes them:
         allocated subclusters from the host cluster, zero ones as zeros, the rest from
         the backing file (or zeros)."""
@@ -181,6 +181,6 @@ class ReadPath:
             a, b = max(start, sub << sc_bits), min(end, (sub + 1) << sc_bits)
             if bitmap >> sub & 1:
                 out[a - start:b - start] = self.f.pread(host + a, b - a)
-            elif not bitmap >> (32 + sub) & 1 and self.backing is not None:
+            elif not bitmap >> (SUBCLUSTER_ZERO_SHIFT + sub) & 1 and self.backing is not None:
                 out[a - start:b - start] = self._backing_read(base + a, b - a)
         return bytes(out)

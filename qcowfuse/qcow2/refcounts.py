@@ -20,69 +20,13 @@ from __future__ import annotations
 
 import array
 import struct
-import sys
 from collections import OrderedDict
 
 from ..errors import CorruptError, FormatError
 from ..hostfile import HostFile
+from .format import REFT_OFFSET_MASK, RefblockCodec
 from .header import MAX_REFTABLE_BYTES, OFF_REFCOUNT_TABLE, Header
 from .lru import evict_clean
-
-# Reftable entry: bits 9-63 hold the refcount block offset; bits 0-8 are reserved.
-REFT_OFFSET_MASK = 0xFFFFFFFFFFFFFE00
-
-_TYPECODES = {8: "B", 16: "H", 32: "I", 64: "Q"}
-_BIG_ENDIAN_HOST = sys.byteorder == "big"
-
-
-class RefblockCodec:
-    """Converts one refcount block between its on-disk bytes and an array of ints."""
-
-    def __init__(self, cluster_size: int, refcount_order: int) -> None:
-        self.bits = 1 << refcount_order
-        self.entries = cluster_size * 8 // self.bits
-        self.cluster_size = cluster_size
-        self.max_value = (1 << self.bits) - 1
-        if self.bits >= 8:
-            self.typecode = _TYPECODES[self.bits]
-            assert array.array(self.typecode).itemsize * 8 == self.bits
-        else:
-            # Sub-byte widths: entry i sits in byte i // per, bit 0 least significant.
-            self.typecode = "B"
-            self.per_byte = 8 // self.bits
-            mask = self.max_value
-            self._unpack = [bytes((b >> (k * self.bits)) & mask for b in range(256))
-                            for k in range(self.per_byte)]
-            self._pack = [bytes((v << (k * self.bits)) & 0xFF for v in range(256))
-                          for k in range(self.per_byte)]
-
-    def zeros(self) -> array.array:
-        return array.array(self.typecode, bytes(self.entries * array.array(self.typecode).itemsize))
-
-    def decode(self, data: bytes) -> array.array:
-        if self.bits >= 8:
-            values = array.array(self.typecode, data)
-            if self.bits > 8 and not _BIG_ENDIAN_HOST:
-                values.byteswap()
-            return values
-        out = bytearray(self.entries)
-        for k, table in enumerate(self._unpack):
-            out[k::self.per_byte] = data.translate(table)
-        return array.array("B", out)
-
-    def encode(self, values: array.array) -> bytes:
-        if self.bits >= 8:
-            if self.bits == 8 or _BIG_ENDIAN_HOST:
-                return values.tobytes()
-            swapped = array.array(self.typecode, values)
-            swapped.byteswap()
-            return swapped.tobytes()
-        raw = values.tobytes()
-        acc = 0
-        for k, table in enumerate(self._pack):
-            acc |= int.from_bytes(raw[k::self.per_byte].translate(table), "little")
-        return acc.to_bytes(self.cluster_size, "little")
-
 
 class RefcountStore:
     """Reads and changes refcounts, allocating blocks and growing the table as needed."""
@@ -98,7 +42,7 @@ class RefcountStore:
         n = len(raw) // 8
         self.table: list[int] = [e & REFT_OFFSET_MASK for e in struct.unpack(f">{n}Q", raw)]
         self.dirty_table: set[int] = set()
-        self.blocks: OrderedDict[int, array.array] = OrderedDict()  # block index -> values
+        self.blocks: OrderedDict[int, array.array[int]] = OrderedDict()  # block index -> values
         self.dirty_blocks: set[int] = set()
         self.max_cached_blocks = max(8, block_cache_bytes // self.cluster_size)
         # Lowest cluster index that may be free; nothing below it has refcount 0.
@@ -109,7 +53,7 @@ class RefcountStore:
 
     # -- reading ------------------------------------------------------------
 
-    def block(self, b: int) -> array.array | None:
+    def block(self, b: int) -> array.array[int] | None:
         """Values of refcount block `b`, or None if the table has no block for it."""
         values = self.blocks.get(b)
         if values is not None:
@@ -171,6 +115,7 @@ class RefcountStore:
             if not off:
                 continue
             values = self.block(b)
+            assert values is not None  # the table names a block for b
             c = off >> cb
             own = c // epb == b
             used = len(values) - values.count(0)
@@ -271,7 +216,7 @@ class RefcountStore:
         self.free_hint = c + 1
         return c
 
-    def ensure_block(self, b: int) -> array.array:
+    def ensure_block(self, b: int) -> array.array[int]:
         """Values of block `b`, allocating it (and growing the table) if it does not exist."""
         while True:
             values = self.block(b)
@@ -298,7 +243,7 @@ class RefcountStore:
             self.add(x, 1)
         self._install_block(b, x, values)
 
-    def _install_block(self, b: int, cluster: int, values: array.array) -> None:
+    def _install_block(self, b: int, cluster: int, values: array.array[int]) -> None:
         self.table[b] = cluster * self.cluster_size
         self.dirty_table.add(b)
         self.blocks[b] = values

@@ -18,13 +18,18 @@ counted), COPIED bookkeeping 1 byte, plus one batch of tables (`batch_bytes`).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
-from .scan import (
-    L1E_RESERVED_MASK, L2E_STD_RESERVED_MASK, OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED,
-    OFLAG_ZERO, REFT_OFFSET_MASK, REFT_RESERVED_MASK, U64, Progress, TableReader,
-    compressed_ranges, l2_entries, read_words, u64)
+from .format import (
+    L1E_OFFSET_MASK, L1E_RESERVED_MASK, L2E_OFFSET_MASK, L2E_STD_RESERVED_MASK,
+    QCOW_OFLAG_COMPRESSED, QCOW_OFLAG_COPIED, QCOW_OFLAG_ZERO, REFT_OFFSET_MASK,
+    REFT_RESERVED_MASK, SUBCLUSTER_ALLOC_MASK, compressed_ranges, subclusters_zeroed)
+from .scan import U64, L2Entries, Progress, TableReader, l2_entries, read_words, u64
+
+if TYPE_CHECKING:
+    from .state import ImageState
 
 # bits of References.flags, per host cluster
 COPIED_REF = 1      # an active L2 entry with COPIED points here
@@ -66,7 +71,7 @@ class Fix:
 class References:
     """counts[c]: references to host cluster c found in the metadata."""
 
-    def __init__(self, img, fix_errors: bool = False, progress: Progress | None = None,
+    def __init__(self, img: ImageState, fix_errors: bool = False, progress: Progress | None = None,
                  extra_ranges: list[tuple[int, int]] | None = None,
                  batch_bytes: int = BATCH_BYTES) -> None:
         self.img = img
@@ -104,7 +109,8 @@ class References:
         if self.total > 0xFFFFFFFF and self.counts.dtype != U64:
             self.counts = self.counts.astype(U64)
 
-    def add_ranges(self, offset: np.ndarray, size: np.ndarray, weight: np.ndarray | None = None) -> None:
+    def add_ranges(self, offset: np.ndarray, size: np.ndarray | int,
+                   weight: np.ndarray | int | None = None) -> None:
         """Count the clusters of each byte range [offset, offset+size) `weight` times
         (QEMU's qcow2_inc_refcounts_imrt, for many ranges at once)."""
         offset = offset.astype(np.int64)
@@ -235,10 +241,10 @@ class References:
                              f"Repairing L1 entry with reserved bits set: {e:x}",
                              f"ERROR found L1 entry with reserved bits set: {e:x}")
             if self.fix_errors:  # an L2 table past the end of the file reads as zeros: no table
-                gone = ((present & u64(OFFSET_MASK)) >= u64(self.file_size)) & \
-                    (((present & u64(OFFSET_MASK)) & u64(self.cs - 1)) == 0)
+                gone = ((present & u64(L1E_OFFSET_MASK)) >= u64(self.file_size)) & \
+                    (((present & u64(L1E_OFFSET_MASK)) & u64(self.cs - 1)) == 0)
                 for k in np.flatnonzero(gone).tolist():
-                    off = int(present[k]) & OFFSET_MASK
+                    off = int(present[k]) & L1E_OFFSET_MASK
                     self._fix_l1(l1_offset, l1_size, int(index[k]), 0, active,
                                  f"Repairing l2_offset={off:x}: L2 table lies past the end of the "
                                  f"file; L1 entry cleared",
@@ -246,7 +252,7 @@ class References:
                                  f"by one cluster or more: offset {off:#x} size {self.cs:#x}")
                 present = present[~gone]
             present = present[present != 0]
-            l2 = (present & u64(OFFSET_MASK)).astype(np.int64)
+            l2 = (present & u64(L1E_OFFSET_MASK)).astype(np.int64)
             self.add_ranges(l2, self.cs)
             for off in l2[(l2 & (self.cs - 1)) != 0].tolist():
                 self._error(f"ERROR l2_offset={off:x}: Table is not cluster aligned; L1 entry corrupted")
@@ -266,24 +272,24 @@ class References:
             self._count_batch(tables[start:start + n], l2_entries(batch, ext),
                               w_all[start:start + n], w_active[start:start + n], ext)
 
-    def _count_batch(self, table_offsets: np.ndarray, t, w_all: np.ndarray, w_active: np.ndarray,
+    def _count_batch(self, table_offsets: np.ndarray, t: L2Entries, w_all: np.ndarray, w_active: np.ndarray,
                      ext: bool) -> None:
         """QEMU's check_refcounts_l2 for the non-zero entries `t` of a batch of tables.
         Entries with nothing special (a cluster-aligned offset, COPIED and the zero flag
         at most, a consistent bitmap) take a short path; the rest get every rule."""
         cs, cb = self.cs, self.cb
         e = t.entry
-        plain = (e & u64(~((OFFSET_MASK & ~(cs - 1)) | OFLAG_COPIED | OFLAG_ZERO) & 0xFFFFFFFFFFFFFFFF)) == 0
-        plain &= (e & u64(OFFSET_MASK)) < u64(self.file_size)
+        plain = (e & u64(~((L2E_OFFSET_MASK & ~(cs - 1)) | QCOW_OFLAG_COPIED | QCOW_OFLAG_ZERO) & 0xFFFFFFFFFFFFFFFF)) == 0
+        plain &= (e & u64(L2E_OFFSET_MASK)) < u64(self.file_size)
         if ext:
             bm = t.bitmap
-            alloc = bm & u64(0xFFFFFFFF)
+            alloc = bm & u64(SUBCLUSTER_ALLOC_MASK)
             plain &= ((bm >> u64(32)) & alloc) == 0
-            plain &= ((e & u64(OFFSET_MASK)) != 0) | (alloc == 0)
+            plain &= ((e & u64(L2E_OFFSET_MASK)) != 0) | (alloc == 0)
         uniform = w_all.min() == w_all.max()
         if not plain.all():
             # compressed clusters without COPIED (or a bitmap): their byte ranges, counted
-            comp = ~plain & ((e & u64(OFLAG_COMPRESSED | OFLAG_COPIED)) == u64(OFLAG_COMPRESSED))
+            comp = ~plain & ((e & u64(QCOW_OFLAG_COMPRESSED | QCOW_OFLAG_COPIED)) == u64(QCOW_OFLAG_COMPRESSED))
             if ext:
                 comp &= t.bitmap == 0
             if comp.any():
@@ -295,12 +301,14 @@ class References:
                 self.stats.allocated += n_active
                 self.stats.compressed += n_active
                 self.stats.fragmented += n_active
-            rest = t.take(~plain & ~comp)
-            rest_normal = self._count_special(table_offsets, rest, w_all, w_active, ext)
+            special = t.take(~plain & ~comp)
+            rest: L2Entries | None = special
+            rest_normal: np.ndarray | None = self._count_special(table_offsets, special, w_all, w_active,
+                                                                 ext)
             t = t.take(plain)
         else:
-            rest = rest_normal = None
-        offs = t.entry & u64(OFFSET_MASK)
+            rest, rest_normal = None, None
+        offs = t.entry & u64(L2E_OFFSET_MASK)
         normal = offs != 0
         if normal.all():  # fully allocated tables: no gather
             rows, cols, entries = t.row, t.col, t.entry
@@ -308,13 +316,13 @@ class References:
             rows, cols, entries, offs = t.row[normal], t.col[normal], t.entry[normal], offs[normal]
         clusters = offs.view(np.int64) >> cb  # offsets are below 2^56: the sign bit is clear
         self.add_clusters(clusters, int(w_all[0]) if uniform else w_all[rows])
-        if rest_normal is not None and rest_normal.any():  # merge back into table order
+        if rest is not None and rest_normal is not None and rest_normal.any():  # back in table order
             rows = np.concatenate([rows, rest.row[rest_normal]])
             cols = np.concatenate([cols, rest.col[rest_normal]])
             entries = np.concatenate([entries, rest.entry[rest_normal]])
             order = np.lexsort((cols, rows))
             rows, entries = rows[order], entries[order]
-            offs = entries & u64(OFFSET_MASK)
+            offs = entries & u64(L2E_OFFSET_MASK)
             clusters = offs.view(np.int64) >> cb
         self._active_layer(rows, entries, offs, clusters, w_active)
 
@@ -350,17 +358,17 @@ class References:
         self.flags[cl[copied]] |= COPIED_REF
         self.flags[cl[~copied]] |= UNCOPIED_REF
 
-    def add_clusters(self, clusters: np.ndarray, weight) -> None:
+    def add_clusters(self, clusters: np.ndarray, weight: np.ndarray | int) -> None:
         """Count whole clusters (aligned data clusters): past the end of the file is an error."""
         past = clusters >= self.nb_clusters
         if past.any():
             w = np.broadcast_to(np.asarray(weight, np.int64), clusters.shape)
             self.add_ranges(clusters[past] << self.cb, self.cs, w[past])  # reports them
             clusters = clusters[~past]
-            weight = weight if np.isscalar(weight) else np.asarray(weight)[~past]
+            weight = weight if isinstance(weight, (int, np.integer)) else np.asarray(weight)[~past]
         if not len(clusters):
             return
-        if np.isscalar(weight):
+        if isinstance(weight, (int, np.integer)):
             self._widen(len(clusters) * int(weight))
             np.add.at(self.counts, clusters, self.counts.dtype.type(weight))
         else:
@@ -368,7 +376,7 @@ class References:
             self._widen(int(w.sum()))
             np.add.at(self.counts, clusters, w.astype(self.counts.dtype))
 
-    def _count_special(self, table_offsets: np.ndarray, t, w_all: np.ndarray, w_active: np.ndarray,
+    def _count_special(self, table_offsets: np.ndarray, t: L2Entries, w_all: np.ndarray, w_active: np.ndarray,
                        ext: bool) -> np.ndarray:
         """Every rule, for entries off the short path; returns which of them are data
         clusters still counted (for the active layer's numbers)."""
@@ -376,12 +384,12 @@ class References:
         e, bm = t.entry, t.bitmap
         weight = w_all[t.row]
         active = w_active[t.row]
-        compressed = (e & u64(OFLAG_COMPRESSED)) != 0
+        compressed = (e & u64(QCOW_OFLAG_COMPRESSED)) != 0
         std = ~compressed
-        offs = e & u64(OFFSET_MASK)
+        offs = e & u64(L2E_OFFSET_MASK)
         bad: list[tuple[int, int, str, int]] = []  # (row, col, message, times)
 
-        def report(mask: np.ndarray, fmt) -> None:
+        def report(mask: np.ndarray, fmt: Callable[[int], str]) -> None:
             for i in np.flatnonzero(mask).tolist():
                 bad.append((int(t.row[i]), int(t.col[i]), fmt(i), int(weight[i])))
 
@@ -394,15 +402,15 @@ class References:
                                   int(bm[i]) if ext else None,
                                   f"Repairing l2 entry with reserved bits set: {old:x}",
                                   f"ERROR found l2 entry with reserved bits set: {old:x}", int(weight[i]))
-            offs = e & u64(OFFSET_MASK)
+            offs = e & u64(L2E_OFFSET_MASK)
         else:
             report(reserved, lambda i: f"ERROR found l2 entry with reserved bits set: {int(e[i]):x}")
         # compressed clusters (never COPIED; with extended L2, no subcluster bitmap)
-        comp_copied = compressed & ((e & u64(OFLAG_COPIED)) != 0)
+        comp_copied = compressed & ((e & u64(QCOW_OFLAG_COPIED)) != 0)
         if self.fix_errors:  # the reader ignores COPIED on compressed clusters: drop it
             for i in np.flatnonzero(comp_copied).tolist():
                 coffset = int(compressed_ranges(e[i:i + 1], cb)[0][0])
-                e[i] = e[i] & ~u64(OFLAG_COPIED)
+                e[i] = e[i] & ~u64(QCOW_OFLAG_COPIED)
                 what = f"coffset={coffset:#x}: copied flag must never be set for compressed clusters"
                 self._write_entry(int(table_offsets[t.row[i]]), int(t.col[i]), int(e[i]),
                                   int(bm[i]) if ext else None, f"Repairing {what}", f"ERROR: {what}",
@@ -418,7 +426,7 @@ class References:
             counted_comp = compressed & ~comp_bitmap
         # data clusters (preallocated zero clusters included)
         normal = std & (offs != 0)
-        alloc_bits = bm & u64(0xFFFFFFFF)
+        alloc_bits = bm & u64(SUBCLUSTER_ALLOC_MASK)
         if ext:
             report(normal & (((bm >> u64(32)) & alloc_bits) != 0),
                    lambda i: f"ERROR offset={int(offs[i]):x}: Allocated cluster has corrupted "
@@ -427,7 +435,7 @@ class References:
                    lambda i: "ERROR: Unallocated cluster has non-zero subcluster allocation map")
             has_data = alloc_bits != 0
         else:
-            has_data = (e & u64(OFLAG_ZERO)) == 0
+            has_data = (e & u64(QCOW_OFLAG_ZERO)) == 0
         unaligned = normal & ((offs & u64(cs - 1)) != 0)
         report(unaligned & has_data, lambda i: f"ERROR offset={int(offs[i]):x}: Data cluster is not "
                                                f"properly aligned; L2 entry corrupted.")
@@ -438,8 +446,8 @@ class References:
                     b = int(bm[i])
                     what = f"offset={int(offs[i]):x}: Preallocated cluster is not properly aligned; " \
                            f"L2 entry corrupted."
-                    self._write_entry(int(table_offsets[t.row[i]]), int(t.col[i]), 0 if ext else OFLAG_ZERO,
-                                      ((b | (b << 32)) & 0xFFFFFFFF00000000) if ext else None,
+                    self._write_entry(int(table_offsets[t.row[i]]), int(t.col[i]), 0 if ext else QCOW_OFLAG_ZERO,
+                                      subclusters_zeroed(b) if ext else None,
                                       f"Repairing {what}", f"ERROR {what}", int(weight[i]),
                                       (int(offs[i]), cs, int(weight[i])))
                 normal &= ~prealloc
@@ -452,9 +460,9 @@ class References:
             for i in np.flatnonzero(past).tolist():
                 if ext:
                     b = int(bm[i])
-                    entry, bitmap = 0, (b | (b << 32)) & 0xFFFFFFFF00000000
+                    entry, bitmap = 0, subclusters_zeroed(b)
                 else:
-                    entry, bitmap = (OFLAG_ZERO if self.img.version >= 3 else 0), None
+                    entry, bitmap = (QCOW_OFLAG_ZERO if self.img.version >= 3 else 0), None
                 off = int(offs[i])
                 self._write_entry(int(table_offsets[t.row[i]]), int(t.col[i]), entry, bitmap,
                                   f"Repairing offset={off:x}: data cluster lies past the end of the "
@@ -472,9 +480,9 @@ class References:
         self.stats.allocated += int(comp_active.sum())
         self.add_ranges(offs[normal].astype(np.int64), cs, weight[normal])
         if counted_comp.any():
-            coff, csize = compressed_ranges(e[counted_comp] & ~u64(OFLAG_COPIED), cb)
+            coff, csize = compressed_ranges(e[counted_comp] & ~u64(QCOW_OFLAG_COPIED), cb)
             self.add_ranges(coff.astype(np.int64), csize.astype(np.int64), weight[counted_comp])
-        return normal
+        return np.asarray(normal)
 
     def _fix_l1(self, l1_offset: int, l1_size: int, index: int, value: int, active: bool,
                 message: str, error: str) -> None:
@@ -549,4 +557,4 @@ class References:
     @property
     def compare_clusters(self) -> int:
         """How many clusters the compare covers (the file, and one more if referenced)."""
-        return self.nb_clusters + (1 if self.counts[self.nb_clusters] else 0)
+        return int(self.nb_clusters) + (1 if self.counts[self.nb_clusters] else 0)

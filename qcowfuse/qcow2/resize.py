@@ -36,8 +36,10 @@ from typing import TYPE_CHECKING
 from ..errors import CorruptError, ReadOnlyError, ResizeError
 from .header import MAX_HOST_OFFSET, MAX_L1_BYTES
 from .l1 import grow_l1_table, l1_entries_for
-from .tables import (L1E_OFFSET_MASK, L2E_OFFSET_MASK, QCOW_OFLAG_COMPRESSED, QCOW_OFLAG_ZERO,
-                           ClusterType, classify, decode_table, last_mapped_cluster)
+from .format import (L1E_OFFSET_MASK, L2E_OFFSET_MASK, QCOW_OFLAG_COMPRESSED, QCOW_OFLAG_ZERO,
+                      SUBCLUSTER_ALLOC_MASK, SUBCLUSTER_ZERO_MASK, SUBCLUSTER_ZERO_SHIFT, ClusterType,
+                      classify, decode_table)
+from .tables import last_mapped_cluster
 
 if TYPE_CHECKING:
     from .state import ImageState
@@ -46,9 +48,6 @@ if TYPE_CHECKING:
 OFF_SIZE = 24
 # QEMU resizes in whole sectors (BDRV_SECTOR_SIZE).
 SECTOR_SIZE = 512
-# Extended L2 bitmap: low 32 bits "allocated", high 32 bits "reads as zeros".
-_SUB_ALLOC = 0xFFFFFFFF
-_SUB_ZERO_ALL = 0xFFFFFFFF << 32
 
 
 def resize_image(img: ImageState, new_size: int) -> None:
@@ -56,14 +55,14 @@ def resize_image(img: ImageState, new_size: int) -> None:
     anything when it cannot be done safely."""
     if not img.writable:
         raise ReadOnlyError("image is open read-only")
-    with img._lock:
-        if img._corrupt:
+    with img.lock:
+        if img.marked_corrupt:
             raise CorruptError("image was marked corrupt; writes are refused until it is repaired")
         _refuse(img, new_size)
         if new_size == img.size:
             return
         try:
-            img._prepare_for_write()
+            img.prepare_for_write()
             img.flush()  # dirty L1 entries and L2 tables reach disk before anything moves
             if new_size > img.size:
                 _grow(img, new_size)
@@ -121,7 +120,7 @@ def _refuse(img: ImageState, new_size: int) -> None:
 
 # -- entries ------------------------------------------------------------------------
 
-def _entry(img: ImageState, table: array.array | None, i: int) -> tuple[int, int]:
+def _entry(img: ImageState, table: array.array[int] | None, i: int) -> tuple[int, int]:
     """(entry, subcluster bitmap) of index i in an L2 table (bitmap 0 without extended L2)."""
     if table is None:
         return 0, 0
@@ -130,7 +129,7 @@ def _entry(img: ImageState, table: array.array | None, i: int) -> tuple[int, int
     return table[i], 0
 
 
-def _set_entry(img: ImageState, table: array.array, i: int, entry: int, bitmap: int) -> None:
+def _set_entry(img: ImageState, table: array.array[int], i: int, entry: int, bitmap: int) -> None:
     if img.header.extended_l2:
         table[2 * i], table[2 * i + 1] = entry, bitmap
     else:
@@ -142,7 +141,7 @@ def _holds_data(img: ImageState, entry: int, bitmap: int) -> bool:
     if entry & QCOW_OFLAG_COMPRESSED:
         return True
     if img.header.extended_l2:
-        return bool(bitmap & _SUB_ALLOC)
+        return bool(bitmap & SUBCLUSTER_ALLOC_MASK)
     return classify(entry, img.version) is ClusterType.NORMAL
 
 
@@ -151,16 +150,16 @@ def _reads_zero_here(img: ImageState, entry: int, bitmap: int) -> bool:
     if entry & QCOW_OFLAG_COMPRESSED:
         return False
     if img.header.extended_l2:
-        return not bitmap & _SUB_ALLOC and bitmap >> 32 == _SUB_ALLOC
+        return not bitmap & SUBCLUSTER_ALLOC_MASK and bitmap >> SUBCLUSTER_ZERO_SHIFT == SUBCLUSTER_ALLOC_MASK
     return classify(entry, img.version) in (ClusterType.ZERO_PLAIN, ClusterType.ZERO_ALLOC)
 
 
-def _cluster_bytes(img: ImageState, g: int, start: int, end: int) -> bytes:
+def _cluster_bytes(img: ImageState, g: int, start: int, end: int) -> bytes | bytearray:
     """Bytes [start, end) of guest cluster g as this layer (and those below) read them,
     also past the virtual size."""
-    entry, bitmap = _entry(img, img._l2_table(g >> img.l2_bits), g & (img.l2_entries - 1))
+    entry, bitmap = _entry(img, img.l2_table(g >> img.l2_bits), g & (img.l2_entries - 1))
     if img.header.extended_l2:
-        return img._subcluster_content(entry, bitmap, g, start, end)
+        return img.subcluster_content(entry, bitmap, g, start, end)
     return img.cluster_content(entry, g)[start:end]
 
 
@@ -171,12 +170,12 @@ def _first_data_past(img: ImageState, new_size: int) -> int | None:
     tail = new_size % cs
     if tail:  # the cluster cut in two: its data past the end must be zeros
         g = new_size >> cb
-        if _holds_data(img, *_entry(img, img._l2_table(g >> img.l2_bits), g & (img.l2_entries - 1))) \
+        if _holds_data(img, *_entry(img, img.l2_table(g >> img.l2_bits), g & (img.l2_entries - 1))) \
                 and any(_cluster_bytes(img, g, tail, cs)):
             return new_size
     c_end = -(-new_size // cs)
     for l1i in range(c_end >> img.l2_bits, len(img.l1)):
-        table = img._l2_table(l1i)
+        table = img.l2_table(l1i)
         if table is None:
             continue
         base = l1i << img.l2_bits
@@ -191,8 +190,8 @@ def _first_data_past(img: ImageState, new_size: int) -> int | None:
 def _grow(img: ImageState, new_size: int) -> None:
     need = l1_entries_for(new_size, img.cluster_size, img.l2_bits)
     if need > len(img.l1):
-        img.l1, old_l1 = grow_l1_table(img.f, img.header, img.rc, img.l1, need, img._check_fresh)
-        img._l1_generation += 1
+        img.l1, old_l1 = grow_l1_table(img.f, img.header, img.rc, img.l1, need, img.check_fresh)
+        img.metadata_layout_changed()
         # Sync the switch before the old table is even queued for freeing: if that sync
         # fails, the header on disk may still name the old table, so its clusters stay
         # counted (a leak) rather than being reused while something may point at them.
@@ -210,7 +209,7 @@ def _zero_new_range(img: ImageState, old: int, new: int) -> None:
     if tail:
         head_end = min(new, old - tail + cs)
         if any(_cluster_bytes(img, old >> cb, tail, head_end - (old - tail))):
-            img._write_locked(old, memoryview(bytes(head_end - old)))
+            img.write_locked(old, memoryview(bytes(head_end - old)))
     c0, c1 = -(-old // cs), -(-new // cs)
     # clusters the backing file would show through need the zero flag (v3 only:
     # refused earlier for v2); everywhere else unallocated reads as zeros already
@@ -223,36 +222,36 @@ def _zero_new_range(img: ImageState, old: int, new: int) -> None:
         lo, hi = max(c0, base), min(c1, base + img.l2_entries)
         if not img.l1[l1i] & L1E_OFFSET_MASK:
             if lo < cz:  # a new table, zero flags over all that the backing file covers
-                _fill_zero_flags(img, img._l2_for_write(l1i), lo - base, min(hi, cz) - base)
-                img.l2.mark_dirty(img._l2_offset(l1i))
+                _fill_zero_flags(img, img.l2_for_write(l1i), lo - base, min(hi, cz) - base)
+                img.l2.mark_dirty(img.active_l2_offset(l1i))
                 if img.l2.over_budget:
                     img.flush()
             continue
-        table = img._l2_table(l1i)
+        table = img.l2_table(l1i)
         changes = []
         for g in range(lo, hi):
             entry, bitmap = _entry(img, table, g - base)
             if g < cz:
                 if not _reads_zero_here(img, entry, bitmap):
                     changes.append((g - base, entry, 0 if img.header.extended_l2 else QCOW_OFLAG_ZERO,
-                                    _SUB_ZERO_ALL))
+                                    SUBCLUSTER_ZERO_MASK))
             elif _holds_data(img, entry, bitmap):
                 changes.append((g - base, entry, 0, 0))
         if not changes:
             continue
-        table = img._l2_for_write(l1i)
+        table = img.l2_for_write(l1i)
         for i, old_entry, entry, bitmap in changes:
             _set_entry(img, table, i, entry, bitmap)
-            img._release(old_entry)
-        img.l2.mark_dirty(img._l2_offset(l1i))
+            img.release_entry(old_entry)
+        img.l2.mark_dirty(img.active_l2_offset(l1i))
         if img.l2.over_budget:
             img.flush()
 
 
-def _fill_zero_flags(img: ImageState, table: array.array, start: int, end: int) -> None:
+def _fill_zero_flags(img: ImageState, table: array.array[int], start: int, end: int) -> None:
     """Entries [start, end) of an empty L2 table become zero clusters (no host cluster)."""
     if img.header.extended_l2:
-        table[2 * start:2 * end] = array.array("Q", [0, _SUB_ZERO_ALL]) * (end - start)
+        table[2 * start:2 * end] = array.array("Q", [0, SUBCLUSTER_ZERO_MASK]) * (end - start)
     else:
         table[start:end] = array.array("Q", [QCOW_OFLAG_ZERO]) * (end - start)
 
@@ -269,14 +268,14 @@ def _shrink(img: ImageState, new_size: int) -> None:
     bits, n = img.l2_bits, img.l2_entries
     if c_end & (n - 1):
         l1i = c_end >> bits
-        table = img._l2_table(l1i)
+        table = img.l2_table(l1i)
         drop = [i for i in range(c_end & (n - 1), n) if any(_entry(img, table, i))]
         if drop:
-            table = img._l2_for_write(l1i)
+            table = img.l2_for_write(l1i)
             for i in drop:
-                img._release(_entry(img, table, i)[0], discard=True)
+                img.release_entry(_entry(img, table, i)[0], discard=True)
                 _set_entry(img, table, i, 0, 0)
-            img.l2.mark_dirty(img._l2_offset(l1i))
+            img.l2.mark_dirty(img.active_l2_offset(l1i))
     for l1i in range(-(-c_end // n), len(img.l1)):
         off = img.l1[l1i] & L1E_OFFSET_MASK
         if not off:
@@ -284,16 +283,16 @@ def _shrink(img: ImageState, new_size: int) -> None:
         # A cluster's refcount counts each L1 table it is reachable from (QEMU's
         # qcow2_update_snapshot_refcount), shared L2 table or not: our path to the
         # entries' preallocated zero clusters goes with the table.
-        table = img._l2_table(l1i)
+        table = img.l2_table(l1i)
         for i in range(n):
             entry = _entry(img, table, i)[0]
             if entry & L2E_OFFSET_MASK:
-                img._release(entry, discard=True)
+                img.release_entry(entry, discard=True)
         img.l2.forget(off)
         img.l1[l1i] = 0
         img.l1_dirty.add(l1i)
         img.alloc.free_later(off >> cb, discard=True)
-    img._l1_generation += 1
+    img.metadata_layout_changed()
 
 
 def _drop_unused_refcount_blocks(img: ImageState) -> None:
@@ -342,6 +341,6 @@ def _give_back_tail(img: ImageState) -> None:
     refcount 0) a cut by refcounts alone would lose what a repair could still save."""
     f, cb = img.f, img.cluster_bits
     size = f.size()  # with the hole the file grows ahead (hostfile.PREALLOCATE_BYTES)
-    last = max(img.rc.last_used(-(-size >> cb)), max(img._metadata_set()), _last_mapped(img))
+    last = max(img.rc.last_used(-(-size >> cb)), max(img.metadata_set()), _last_mapped(img))
     if (last + 1) << cb < size:
         f.truncate((last + 1) << cb)

@@ -8,9 +8,10 @@ metadata through this module, so an image's tables are walked one way, once:
 - `l2_entries` keeps only the non-zero entries of a batch (an empty or sparse
   table costs one comparison per entry, in C), decoded to host order; extended
   L2 entries (docs/interop/qcow2.rst, "Extended L2 Entries") come with their
-  subcluster bitmap;
-- `decode_refblock` / `encode_refblock` convert a refcount block for every
-  refcount width 1..64 (sub-byte widths: entry 0 in the least significant bits).
+  subcluster bitmap.
+
+What the entries mean, and the numpy codecs for them (entry kinds, compressed
+descriptors, refcount blocks), is format.py's.
 """
 
 from __future__ import annotations
@@ -22,21 +23,6 @@ import numpy as np
 
 from ..errors import CorruptError
 from ..hostfile import HostFile
-
-# docs/interop/qcow2.rst: L1 entry bits 0-8 and 56-62 are reserved (must be 0).
-L1E_RESERVED_MASK = 0x7F000000000001FF
-# Standard cluster descriptor: bits 1-8 and 56-61 reserved (bit 0 is the zero flag).
-L2E_STD_RESERVED_MASK = 0x3F000000000001FE
-# Refcount table entry: bits 0-8 reserved.
-REFT_RESERVED_MASK = 0x1FF
-REFT_OFFSET_MASK = 0xFFFFFFFFFFFFFE00
-OFFSET_MASK = 0x00FFFFFFFFFFFE00  # L1E_OFFSET_MASK == L2E_OFFSET_MASK
-OFLAG_COPIED = 1 << 63
-OFLAG_COMPRESSED = 1 << 62
-OFLAG_ZERO = 1
-# Extended L2 bitmap: bits 0-31 "allocated", bits 32-63 "reads as zeros", one per subcluster.
-BITMAP_ALL_ALLOC = 0xFFFFFFFF
-SUBCLUSTERS = 32
 
 U64 = np.uint64
 BE64 = np.dtype(">u8")
@@ -125,63 +111,3 @@ def l2_entries(batch: np.ndarray, extended: bool) -> L2Entries:
     row, col = at >> shift, at & (per_row - 1)
     entry = (flat if len(at) == len(flat) else flat[at]).astype(U64)
     return L2Entries(row, col, entry, np.zeros(len(entry), U64))
-
-
-# -- L2 entry kinds, as the reader and `map` see them --------------------------------
-
-KIND_UNALLOCATED = 0
-KIND_ZERO = 1        # zero flag, no host cluster
-KIND_ZERO_ALLOC = 2  # zero flag with a preallocated host cluster
-KIND_NORMAL = 3
-KIND_COMPRESSED = 4
-
-
-def standard_kinds(entry: np.ndarray, version: int) -> np.ndarray:
-    """tables.classify for a whole array of standard descriptors."""
-    kinds = np.full(len(entry), KIND_UNALLOCATED, np.uint8)
-    has_offset = (entry & u64(OFFSET_MASK)) != 0
-    kinds[has_offset] = KIND_NORMAL
-    if version >= 3:
-        zero = (entry & u64(OFLAG_ZERO)) != 0
-        kinds[zero] = np.where(has_offset[zero], KIND_ZERO_ALLOC, KIND_ZERO)
-    kinds[(entry & u64(OFLAG_COMPRESSED)) != 0] = KIND_COMPRESSED
-    return kinds
-
-
-def compressed_ranges(entry: np.ndarray, cluster_bits: int) -> tuple[np.ndarray, np.ndarray]:
-    """(host byte offset, byte length) of compressed descriptors (spec: "Compressed
-    Clusters Descriptor"; the length counts from the offset to the end of its last sector)."""
-    x = 62 - (cluster_bits - 8)
-    offset = entry & u64((1 << x) - 1)
-    sectors = ((entry >> u64(x)) & u64((1 << (cluster_bits - 8)) - 1)) + u64(1)
-    return offset, sectors * u64(512) - (offset & u64(511))
-
-
-# -- refcount blocks ------------------------------------------------------------------
-
-_WIDE = {8: np.dtype(">u1"), 16: np.dtype(">u2"), 32: np.dtype(">u4"), 64: np.dtype(">u8")}
-
-
-def decode_refblock(data: bytes, refcount_order: int) -> np.ndarray:
-    """Refcounts of one block, host order (uint8 for widths up to 8 bits)."""
-    bits = 1 << refcount_order
-    if bits >= 8:
-        return np.frombuffer(data, dtype=_WIDE[bits]).astype(_WIDE[bits].newbyteorder("="))
-    raw = np.frombuffer(data, dtype=np.uint8)
-    if bits == 1:
-        return np.unpackbits(raw, bitorder="little")
-    per = 8 // bits
-    shifts = np.arange(0, 8, bits, dtype=np.uint8)
-    return ((raw[:, None] >> shifts) & np.uint8((1 << bits) - 1)).reshape(len(raw) * per)
-
-
-def encode_refblock(values: np.ndarray, refcount_order: int) -> bytes:
-    bits = 1 << refcount_order
-    if bits >= 8:
-        return np.asarray(values).astype(_WIDE[bits]).tobytes()
-    v = np.asarray(values, dtype=np.uint8)
-    if bits == 1:
-        return np.packbits(v, bitorder="little").tobytes()
-    per = 8 // bits
-    shifts = np.arange(0, 8, bits, dtype=np.uint8)
-    return np.bitwise_or.reduce(v.reshape(-1, per) << shifts, axis=1).astype(np.uint8).tobytes()

@@ -1,57 +1,20 @@
-"""L1 and L2 table entries and the L2 table cache (docs/interop/qcow2.rst, "Cluster mapping").
+"""The L2 table cache, and the last host cluster an L2 table maps.
 
-Tables are kept decoded as host-endian `array('Q')`; they are byte-swapped only
-when read from or written to the image.
+Tables are kept decoded as host-endian `array('Q')` (format.decode_table); they
+are byte-swapped only when read from or written to the image.
 """
 
 from __future__ import annotations
 
 import array
-import enum
 import struct
-import sys
 from collections import OrderedDict
 
 from ..errors import CorruptError
 from ..hostfile import HostFile
+from .format import (
+    L2E_OFFSET_MASK, QCOW_OFLAG_COMPRESSED, SECTOR, compressed_fields, decode_table, encode_table)
 from .lru import evict_clean
-
-# L1 entry: bits 9-55 L2 table offset, bit 63 COPIED (refcount exactly 1).
-L1E_OFFSET_MASK = 0x00FFFFFFFFFFFE00
-# Standard L2 entry: bit 63 COPIED, bit 62 compressed, bits 9-55 host offset,
-# bit 0 "reads as zeros" (version 3 only).
-L2E_OFFSET_MASK = 0x00FFFFFFFFFFFE00
-QCOW_OFLAG_COPIED = 1 << 63
-QCOW_OFLAG_COMPRESSED = 1 << 62
-QCOW_OFLAG_ZERO = 1 << 0
-
-_SWAP = sys.byteorder == "little"
-
-
-class ClusterType(enum.Enum):
-    UNALLOCATED = "unallocated"  # read from the backing file, or zeros
-    ZERO_PLAIN = "zero"  # zero flag, no host cluster
-    ZERO_ALLOC = "zero-alloc"  # zero flag with a preallocated host cluster
-    NORMAL = "normal"
-    COMPRESSED = "compressed"
-
-
-def classify(entry: int, version: int) -> ClusterType:
-    if entry & QCOW_OFLAG_COMPRESSED:
-        return ClusterType.COMPRESSED
-    if version >= 3 and entry & QCOW_OFLAG_ZERO:
-        return ClusterType.ZERO_ALLOC if entry & L2E_OFFSET_MASK else ClusterType.ZERO_PLAIN
-    if entry & L2E_OFFSET_MASK:
-        return ClusterType.NORMAL
-    return ClusterType.UNALLOCATED
-
-
-def decode_table(data: bytes) -> array.array:
-    t = array.array("Q", data)
-    if _SWAP:
-        t.byteswap()
-    return t
-
 
 # bytes.translate table: 1 where an entry's top byte (bits 56-63) has the compressed flag
 _COMPRESSED_TOP = bytes(1 if b & (QCOW_OFLAG_COMPRESSED >> 56) else 0 for b in range(256))
@@ -70,20 +33,11 @@ def last_mapped_cluster(raw: bytes, cluster_bits: int, extended: bool) -> int:
         return top >> cluster_bits if top else -1
     entries = struct.unpack(f">{len(raw) // 8}Q", raw)[0::stride // 8]
     top = max((e & L2E_OFFSET_MASK for e in entries if not e & QCOW_OFLAG_COMPRESSED), default=0)
-    # spec, "Compressed Clusters Descriptor": offset in bits 0..x-1, sectors - 1 above it; the
-    # data ends in the last of those 512-byte sectors, counted from the offset's own sector
-    x = 62 - (cluster_bits - 8)
-    omask, smask = (1 << x) - 1, (1 << (cluster_bits - 8)) - 1
-    end = max(((e & omask) >> 9) + ((e >> x) & smask) + 1 for e in entries if e & QCOW_OFLAG_COMPRESSED)
-    return max(top >> cluster_bits if top else -1, ((end << 9) - 1) >> cluster_bits)
-
-
-def encode_table(t: array.array) -> bytes:
-    if not _SWAP:
-        return t.tobytes()
-    out = array.array("Q", t)
-    out.byteswap()
-    return out.tobytes()
+    # compressed data ends in the last sector its descriptor counts, from the offset's own
+    x, omask, smask = compressed_fields(cluster_bits)
+    end = max(((e & omask) // SECTOR) + ((e >> x) & smask) + 1 for e in entries if e & QCOW_OFLAG_COMPRESSED)
+    last: int = max(top >> cluster_bits if top else -1, (end * SECTOR - 1) >> cluster_bits)
+    return last
 
 
 class L2Cache:
@@ -105,15 +59,15 @@ class L2Cache:
         self.f = f
         self.cluster_size = cluster_size
         self.max_tables = max(4, max_bytes // cluster_size)
-        self.tables: OrderedDict[int, array.array] = OrderedDict()
+        self.tables: OrderedDict[int, array.array[int]] = OrderedDict()
         self.dirty: set[int] = set()
         self._probation: OrderedDict[int, None] = OrderedDict()  # in tables, read once so far
         self._ghosts: OrderedDict[int, None] = OrderedDict()  # offsets pushed out of probation
         # the most recently used table, public so that a hot path can test it inline
         self.mru_offset = 0  # 0: none (no L2 table lives at offset 0, the header does)
-        self.mru: array.array | None = None
+        self.mru: array.array[int] | None = None
 
-    def peek(self, offset: int) -> array.array | None:
+    def peek(self, offset: int) -> array.array[int] | None:
         """The table at offset if cached (counts as a use), else None; never reads."""
         if offset == self.mru_offset:
             return self.mru
@@ -124,7 +78,7 @@ class L2Cache:
             self.mru_offset, self.mru = offset, t
         return t
 
-    def get(self, offset: int) -> array.array:
+    def get(self, offset: int) -> array.array[int]:
         t = self.peek(offset) if offset else None
         if t is not None:
             return t
@@ -140,7 +94,7 @@ class L2Cache:
         self._evict()
         return t
 
-    def install(self, offset: int, table: array.array) -> None:
+    def install(self, offset: int, table: array.array[int]) -> None:
         """A table that exists only in memory so far (new or copied on write)."""
         self.tables[offset] = table
         self.dirty.add(offset)

@@ -12,7 +12,7 @@ guest data never after the L2 entry that maps it.  A crash may leak clusters;
 it cannot corrupt the image or lose anything written before a flush.
 
 Every written guest range is committed to the persistent bitmaps before its data is
-written: by the fast path for what it serves (fastpath.py), else in `_write_locked`.
+written: by the fast path for what it serves (fastpath.py), else in `write_locked`.
 A mixin of Image (qcowfuse/image.py), using its read path for copy-on-write content
 and its integrity guards before every data write.
 """
@@ -24,24 +24,24 @@ import struct
 
 from ..errors import CorruptError, ReadOnlyError
 from .allocator import cluster_runs
-from .compressed import CompressedDescriptor
 from .header import AUTOCLEAR_BITMAPS, INCOMPAT_DIRTY, OFF_AUTOCLEAR_FEATURES
-from .tables import (
-    L1E_OFFSET_MASK, L2E_OFFSET_MASK, QCOW_OFLAG_COMPRESSED, QCOW_OFLAG_COPIED, ClusterType,
-    classify)
+from .format import (
+    L1E_OFFSET_MASK, L2E_OFFSET_MASK, QCOW_OFLAG_COMPRESSED, QCOW_OFLAG_COPIED, SUBCLUSTER_ALLOC_MASK,
+    SUBCLUSTER_ZERO_MASK, SUBCLUSTER_ZERO_SHIFT, ClusterType, CompressedDescriptor, classify)
+from .state import ImageState
 from .zeroes import write_zero_piece
 
 
-class WritePath:
-    def _prepare_for_write(self) -> None:
+class WritePath(ImageState):
+    def prepare_for_write(self) -> None:
         """First write only: clear autoclear bits we do not maintain (spec: a writer
         that does not know a bit must clear it), after checking the metadata's own
         refcounts so that no allocation can ever land on a cluster in use."""
-        if self._prepared:
+        if self.prepared:
             return
         if self.header.incompatible_features & INCOMPAT_DIRTY:
-            self._repair_dirty()
-        self._check_metadata_refcounts()
+            self.repair_dirty()
+        self.check_metadata_refcounts()
         h = self.header
         keep = AUTOCLEAR_BITMAPS if self.bitmaps is not None else 0  # the bits we maintain
         if h.version >= 3 and h.autoclear_features & ~keep:
@@ -50,16 +50,16 @@ class WritePath:
             self.f.sync()
         if self.bitmaps is not None:
             self.bitmaps.begin_writing(self.alloc.alloc_contiguous)
-        self._prepared = True
+        self.prepared = True
 
-    def _l2_for_write(self, l1_index: int) -> array.array:
+    def l2_for_write(self, l1_index: int) -> array.array[int]:
         """The active L2 table for l1_index, allocated or copied on write if needed."""
         entry = self.l1[l1_index]
         off = entry & L1E_OFFSET_MASK
         if off and entry & QCOW_OFLAG_COPIED:
             return self.l2.get(off)
         if off:
-            self._host_check(off, "L2 table")
+            self.host_check(off, "L2 table")
             if self.rc.get(off >> self.cluster_bits) == 1:
                 # refcount 1 without COPIED (older writers): ours to change in place
                 self.l1[l1_index] = off | QCOW_OFLAG_COPIED
@@ -69,16 +69,16 @@ class WritePath:
         else:
             table = array.array("Q", bytes(self.cluster_size))
         new = self.alloc.alloc() << self.cluster_bits
-        self._check_fresh(new >> self.cluster_bits, 1)
+        self.check_fresh(new >> self.cluster_bits, 1)
         self.l2.install(new, table)
         self.l1[l1_index] = new | QCOW_OFLAG_COPIED
         self.l1_dirty.add(l1_index)
-        self._l1_generation += 1
+        self.metadata_layout_changed()
         if off:
             self.alloc.free_later(off >> self.cluster_bits)
         return table
 
-    def _in_place(self, entry: int) -> bool:
+    def in_place(self, entry: int) -> bool:
         """Normal cluster this layer owns alone (COPIED, or refcount 1)."""
         if classify(entry, self.version) is not ClusterType.NORMAL:
             return False
@@ -86,13 +86,13 @@ class WritePath:
             return True
         return self.rc.get((entry & L2E_OFFSET_MASK) >> self.cluster_bits) == 1
 
-    def _reusable_zero_alloc(self, entry: int) -> bool:
+    def reusable_zero_alloc(self, entry: int) -> bool:
         if classify(entry, self.version) is not ClusterType.ZERO_ALLOC:
             return False
         return bool(entry & QCOW_OFLAG_COPIED) or \
             self.rc.get((entry & L2E_OFFSET_MASK) >> self.cluster_bits) == 1
 
-    def _release(self, entry: int, discard: bool = False) -> None:
+    def release_entry(self, entry: int, discard: bool = False) -> None:
         """Drop (after the next table sync) the reference an overwritten L2 entry held;
         discard: punch the host clusters out once they are free."""
         kind = classify(entry, self.version)
@@ -108,23 +108,23 @@ class WritePath:
         length = len(view)
         if not self.writable:
             raise ReadOnlyError("image is open read-only")
-        with self._lock:  # the size too: a resize in another thread may shrink it meanwhile
+        with self.lock:  # the size too: a resize in another thread may shrink it meanwhile
             if offset < 0 or offset + length > self.size:
                 raise ValueError(f"write of {length} bytes at {offset} is beyond the virtual size {self.size}")
-            if self._corrupt:
+            if self.marked_corrupt:
                 raise CorruptError("image was marked corrupt; writes are refused until it is repaired")
             try:
-                if not self._fast.write(offset, view):  # the common case, whole (fastpath.py)
-                    self._write_locked(offset, memoryview(view))
+                if not self.fast.write(offset, view):  # the common case, whole (fastpath.py)
+                    self.write_locked(offset, memoryview(view))
             except CorruptError as e:
                 self.mark_corrupt(str(e))
                 raise
         return length
 
-    def _write_locked(self, offset: int, view: memoryview) -> None:
+    def write_locked(self, offset: int, view: memoryview) -> None:
         length = len(view)
-        if not self._prepared:
-            self._prepare_for_write()
+        if not self.prepared:
+            self.prepare_for_write()
         if self.bitmaps is not None:  # the one place the general path commits a guest range
             self.bitmaps.mark(offset, length)
         cb, cs = self.cluster_bits, self.cluster_size
@@ -137,7 +137,7 @@ class WritePath:
             g = voff >> cb
             in_cl = voff & (cs - 1)
             l1i, l2i = g >> self.l2_bits, g & (self.l2_entries - 1)
-            table = self._l2_for_write(l1i)
+            table = self.l2_for_write(l1i)
             stop = min(self.l2_entries, l2i + ((offset + length - 1) >> cb) - g + 1)
             if self._zero_cluster:
                 n = min(length - pos, cs - in_cl)
@@ -146,45 +146,45 @@ class WritePath:
                     continue
                 stop = l2i + 1  # look at every cluster on its own
             entry = table[l2i]
-            if self._reusable_zero_alloc(entry):
+            if self.reusable_zero_alloc(entry):
                 # zero flag over a cluster we own: reuse it, as QEMU does
                 host = entry & L2E_OFFSET_MASK
                 n = min(length - pos, cs - in_cl)
-                self._host_check(host, "data cluster")
-                self._check_data_target(host >> cb, 1)
+                self.host_check(host, "data cluster")
+                self.check_data_target(host >> cb, 1)
                 buf = bytearray(cs)
                 buf[in_cl:in_cl + n] = view[pos:pos + n]
                 self.f.pwrite(host, buf)
                 table[l2i] = host | QCOW_OFLAG_COPIED
-                self.l2.mark_dirty(self._l2_offset(l1i))
-            elif self._in_place(entry):
+                self.l2.mark_dirty(self.active_l2_offset(l1i))
+            elif self.in_place(entry):
                 host = entry & L2E_OFFSET_MASK
-                self._host_check(host, "data cluster")
+                self.host_check(host, "data cluster")
                 j = l2i + 1
                 while j < stop and (table[j] & L2E_OFFSET_MASK) == host + (j - l2i) * cs \
-                        and self._in_place(table[j]):
+                        and self.in_place(table[j]):
                     j += 1
                 for i in range(l2i, j):
                     if not table[i] & QCOW_OFLAG_COPIED:
                         table[i] |= QCOW_OFLAG_COPIED
-                        self.l2.mark_dirty(self._l2_offset(l1i))
+                        self.l2.mark_dirty(self.active_l2_offset(l1i))
                 n = min(length - pos, (j - l2i) * cs - in_cl)
-                self._check_data_target(host >> cb, -(-(in_cl + n) // cs))
+                self.check_data_target(host >> cb, -(-(in_cl + n) // cs))
                 self.f.pwrite(host + in_cl, view[pos:pos + n])
             else:
                 j = l2i + 1
-                while j < stop and not self._in_place(table[j]):
+                while j < stop and not self.in_place(table[j]):
                     j += 1
                 first, count = self.alloc.alloc_run(j - l2i)
-                self._check_fresh(first, count)
+                self.check_fresh(first, count)
                 n = min(length - pos, count * cs - in_cl)
                 self._write_new(first << cb, table, l2i, g, count, in_cl, view[pos:pos + n])
                 for k in range(count):
                     old = table[l2i + k]
                     table[l2i + k] = ((first + k) << cb) | QCOW_OFLAG_COPIED
                     if old:  # 0: unallocated, nothing to release
-                        self._release(old)
-                self.l2.mark_dirty(self._l2_offset(l1i))
+                        self.release_entry(old)
+                self.l2.mark_dirty(self.active_l2_offset(l1i))
             pos += n
         if self.l2.over_budget:
             self.flush()
@@ -205,7 +205,7 @@ class WritePath:
             in_cl = voff & (cs - 1)
             n = min(cs - in_cl, length - pos)
             l1i, idx = g >> self.l2_bits, 2 * (g & (self.l2_entries - 1))
-            table = self._l2_for_write(l1i)
+            table = self.l2_for_write(l1i)
             entry, bitmap = table[idx], table[idx + 1]
             first_sc, last_sc = in_cl >> sc_bits, (in_cl + n - 1) >> sc_bits
             touched = ((1 << (last_sc + 1)) - 1) & ~((1 << first_sc) - 1)
@@ -215,39 +215,39 @@ class WritePath:
             owned = bool(host) and not compressed and (
                 bool(entry & QCOW_OFLAG_COPIED) or self.rc.get(host >> cb) == 1)
             if owned:
-                self._host_check(host, "data cluster")
-                self._check_data_target(host >> cb, 1)
-                buf = bytearray(self._subcluster_content(entry, bitmap, g, start, end))
+                self.host_check(host, "data cluster")
+                self.check_data_target(host >> cb, 1)
+                buf = bytearray(self.subcluster_content(entry, bitmap, g, start, end))
                 buf[in_cl - start:in_cl - start + n] = view[pos:pos + n]
                 self.f.pwrite(host + start, buf)
-                new_bitmap = (bitmap | touched) & ~(touched << 32)
+                new_bitmap = (bitmap | touched) & ~(touched << SUBCLUSTER_ZERO_SHIFT)
                 new_host = host
             else:
                 new_host = self.alloc.alloc() << cb
-                self._check_fresh(new_host >> cb, 1)
+                self.check_fresh(new_host >> cb, 1)
                 if compressed or host:  # replace compressed or shared data: copy it whole
-                    buf = bytearray(self._subcluster_content(entry, bitmap, g, 0, cs))
+                    buf = bytearray(self.subcluster_content(entry, bitmap, g, 0, cs))
                     buf[in_cl:in_cl + n] = view[pos:pos + n]
                     self.f.pwrite(new_host, buf)
-                    new_bitmap = 0xFFFFFFFF
-                    self._release(entry)
+                    new_bitmap = SUBCLUSTER_ALLOC_MASK
+                    self.release_entry(entry)
                 else:
-                    buf = bytearray(self._subcluster_content(entry, bitmap, g, start, end))
+                    buf = bytearray(self.subcluster_content(entry, bitmap, g, start, end))
                     buf[in_cl - start:in_cl - start + n] = view[pos:pos + n]
                     self.f.pwrite(new_host + start, buf)
                     self.f.extend_to(new_host + cs)
-                    new_bitmap = (bitmap & ~(touched << 32) & 0xFFFFFFFF00000000) | touched
+                    new_bitmap = (bitmap & ~(touched << SUBCLUSTER_ZERO_SHIFT) & SUBCLUSTER_ZERO_MASK) | touched
             table[idx] = new_host | QCOW_OFLAG_COPIED
             table[idx + 1] = new_bitmap
-            self.l2.mark_dirty(self._l2_offset(l1i))
+            self.l2.mark_dirty(self.active_l2_offset(l1i))
             pos += n
         if self.l2.over_budget:
             self.flush()
 
-    def _l2_offset(self, l1_index: int) -> int:
+    def active_l2_offset(self, l1_index: int) -> int:
         return self.l1[l1_index] & L1E_OFFSET_MASK
 
-    def _write_new(self, host: int, table: array.array, l2i: int, guest_cluster: int, count: int,
+    def _write_new(self, host: int, table: array.array[int], l2i: int, guest_cluster: int, count: int,
                    in_cl: int, data: memoryview) -> None:
         """Write `data` at in_cl into `count` fresh host clusters, filling partial
         head and tail clusters from the guest clusters' old content."""
@@ -258,10 +258,10 @@ class WritePath:
             self.f.pwrite(host, data)
             return
         last = (end - 1) // cs
-        head_zero = in_cl == 0 or self._reads_as_zeros(table[l2i])
-        tail_zero = end % cs == 0 or self._reads_as_zeros(table[l2i + last])
+        head_zero = in_cl == 0 or self.reads_as_zeros(table[l2i])
+        tail_zero = end % cs == 0 or self.reads_as_zeros(table[l2i + last])
         if head_zero and tail_zero:
-            self._write_new_in_zeros(host, total, in_cl, data)
+            self.write_new_in_zeros(host, total, in_cl, data)
             return
         buf = bytearray(total)
         if not head_zero:
@@ -271,7 +271,7 @@ class WritePath:
         buf[in_cl:end] = data
         self.f.pwrite(host, buf)
 
-    def _write_new_in_zeros(self, host: int, total: int, in_cl: int, data: memoryview) -> None:
+    def write_new_in_zeros(self, host: int, total: int, in_cl: int, data: bytes | memoryview) -> None:
         """Write `data` at in_cl into `total` bytes of fresh host clusters that must read
         as zeros around it."""
         if len(data) == total or host >= self.f.end():
@@ -284,7 +284,7 @@ class WritePath:
         buf[in_cl:in_cl + len(data)] = data
         self.f.pwrite(host, buf)
 
-    def _reads_as_zeros(self, entry: int) -> bool:
+    def reads_as_zeros(self, entry: int) -> bool:
         """Known to read as zeros without any I/O (zero flag, or nothing below)."""
         kind = classify(entry, self.version)
         return kind in (ClusterType.ZERO_PLAIN, ClusterType.ZERO_ALLOC) or (
@@ -294,7 +294,7 @@ class WritePath:
         """Make every earlier write durable, in crash-safe order."""
         if not self.writable:
             return
-        with self._lock:
+        with self.lock:
             f = self.f
             self.rc.flush()
             if f.unsynced:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import array
 from typing import TYPE_CHECKING
 
-from .tables import L2E_OFFSET_MASK, QCOW_OFLAG_COPIED, QCOW_OFLAG_ZERO, ClusterType, classify
+from .format import L2E_OFFSET_MASK, QCOW_OFLAG_COPIED, QCOW_OFLAG_ZERO, ClusterType, classify
 
 if TYPE_CHECKING:
     from .state import ImageState
@@ -33,7 +33,7 @@ def can_express_zeros(img: "ImageState") -> bool:
     return img.version >= 3 or (img.backing is None and img.detect_zeroes == "unmap")
 
 
-def write_zero_piece(img: "ImageState", table: array.array, l1i: int, l2i: int, guest_cluster: int,
+def write_zero_piece(img: "ImageState", table: array.array[int], l1i: int, l2i: int, guest_cluster: int,
                      in_cl: int, piece: memoryview, zeros: memoryview) -> bool:
     """`piece` is the part of one write that falls in guest cluster `guest_cluster` at
     `in_cl`; `zeros` is a cluster of zero bytes.  When the piece is all zeros and the
@@ -44,7 +44,7 @@ def write_zero_piece(img: "ImageState", table: array.array, l1i: int, l2i: int, 
         return False
     if n < img.cluster_size:
         entry = table[l2i]
-        if not img._reads_as_zeros(entry):
+        if not img.reads_as_zeros(entry):
             content = memoryview(img.cluster_content(entry, guest_cluster))
             end = in_cl + n
             if content[:in_cl] != zeros[:in_cl] or content[end:] != zeros[end:]:
@@ -52,7 +52,7 @@ def write_zero_piece(img: "ImageState", table: array.array, l1i: int, l2i: int, 
     return make_zero_cluster(img, table, l1i, l2i)
 
 
-def make_zero_cluster(img: "ImageState", table: array.array, l1i: int, l2i: int) -> bool:
+def make_zero_cluster(img: "ImageState", table: array.array[int], l1i: int, l2i: int) -> bool:
     """Make the L2 entry say "zeros": `on` keeps a host cluster this layer owns (zero
     flag over it, as QEMU's detect-zeroes=on), `unmap` frees it (after the table reaches
     disk; see Allocator).  False when the format can't say "zeros" here."""
@@ -63,13 +63,13 @@ def make_zero_cluster(img: "ImageState", table: array.array, l1i: int, l2i: int)
     if img.version < 3:
         new = 0  # v2 without backing file: unallocated reads as zeros
     elif img.detect_zeroes == "on" and kind in (ClusterType.NORMAL, ClusterType.ZERO_ALLOC) \
-            and (img._in_place(old) or img._reusable_zero_alloc(old)):
+            and (img.in_place(old) or img.reusable_zero_alloc(old)):
         new = (old & L2E_OFFSET_MASK) | QCOW_OFLAG_ZERO | QCOW_OFLAG_COPIED  # keep the allocation
     else:
         new = QCOW_OFLAG_ZERO
     if new != old:
         table[l2i] = new
         if not new & L2E_OFFSET_MASK:
-            img._release(old)
-        img.l2.mark_dirty(img._l2_offset(l1i))
+            img.release_entry(old)
+        img.l2.mark_dirty(img.active_l2_offset(l1i))
     return True
