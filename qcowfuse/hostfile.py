@@ -35,9 +35,10 @@ class HostFile:
         self.unsynced = False  # a write happened since the last sync
         # The end of what the image uses: the file size at open, grown by our own writes
         # (-1: not known yet).  The file itself may be longer by a preallocated hole
-        # (_size), which reads treat as past the end.
-        self._end = -1
-        self._size = -1
+        # (file_end), which reads treat as past the end.  Both public for the fast path,
+        # which checks them inline (qcow2/fastpath.py); only this class changes them.
+        self.data_end = -1
+        self.file_end = -1
 
     @classmethod
     def open(cls, path: str, writable: bool) -> "HostFile":
@@ -49,20 +50,20 @@ class HostFile:
 
     def end(self) -> int:
         """The file size without a syscall per call (we are its only writer)."""
-        if self._end < 0:
-            self._end = self._size = self.size()
-        return self._end
+        if self.data_end < 0:
+            self.data_end = self.file_end = self.size()
+        return self.data_end
 
     def _past_end(self, offset: int, length: int) -> bool:
         """A read reaching into the preallocated hole: past the end of the image."""
-        return self._size > self._end and offset + length > self._end
+        return self.file_end > self.data_end and offset + length > self.data_end
 
     def pread(self, offset: int, length: int) -> bytes:
         """Read exactly `length` bytes; a short read means metadata points past EOF."""
         if offset < 0 or offset + length > MAX_FILE_OFFSET:  # _check_range, inline: per request
             _check_range(offset, length)
         data = os.pread(self.fd, length, offset)
-        if len(data) != length or (self._size > self._end and offset + length > self._end):
+        if len(data) != length or (self.file_end > self.data_end and offset + length > self.data_end):
             raise CorruptError(f"read of {length} bytes at {offset:#x} runs past the end of the image file")
         return data
 
@@ -70,7 +71,7 @@ class HostFile:
         """Read up to `length` bytes; shorter only at the end of the file."""
         _check_range(offset, length)
         if self._past_end(offset, length):
-            length = max(0, self._end - offset)
+            length = max(0, self.data_end - offset)
         return os.pread(self.fd, length, offset)
 
     def pread_into(self, offset: int, buf: memoryview) -> None:
@@ -86,9 +87,9 @@ class HostFile:
         if offset < 0 or end > MAX_FILE_OFFSET:  # _check_range, inline: per request
             _check_range(offset, length)
         self.unsynced = True
-        if end > self._end >= 0:
-            self._end = end
-            self._size = max(self._size, end)
+        if end > self.data_end >= 0:
+            self.data_end = end
+            self.file_end = max(self.file_end, end)
         n = os.pwrite(self.fd, data, offset)
         if n == length:
             return
@@ -102,11 +103,11 @@ class HostFile:
     def extend_to(self, size: int) -> None:
         """Make the image cover `size` bytes (a hole) if it is shorter; the file grows
         PREALLOCATE_BYTES beyond, unless it is that long already."""
-        if (self._end if self._end >= 0 else self.end()) < size:  # end(), inline: per new cluster
-            if self._size < size:
+        if (self.data_end if self.data_end >= 0 else self.end()) < size:  # end(), inline: per new cluster
+            if self.file_end < size:
                 os.ftruncate(self.fd, size + PREALLOCATE_BYTES)
-                self._size = size + PREALLOCATE_BYTES
-            self._end = size
+                self.file_end = size + PREALLOCATE_BYTES
+            self.data_end = size
 
     def truncate(self, size: int) -> None:
         """Cut the file to `size` bytes, shorter than the image's end (best effort, as
@@ -116,7 +117,7 @@ class HostFile:
             os.ftruncate(self.fd, size)
         except OSError:
             return
-        self._end = self._size = size
+        self.data_end = self.file_end = size
 
     def punch_hole(self, offset: int, length: int) -> None:
         """Give the space back to the host filesystem (best effort; size unchanged)."""
@@ -140,9 +141,9 @@ class HostFile:
         """Close, trimming the preallocated hole (a crash leaves it: a longer file, which
         QEMU reads as free space)."""
         if self.fd >= 0:
-            if self._size > self._end >= 0:
+            if self.file_end > self.data_end >= 0:
                 try:
-                    os.ftruncate(self.fd, self._end)
+                    os.ftruncate(self.fd, self.data_end)
                 except OSError:
                     pass  # only a longer file
             os.close(self.fd)

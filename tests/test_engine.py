@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import random
 from pathlib import Path
 
@@ -231,12 +233,16 @@ def test_overwrite_of_qemu_data_is_in_place(tmp_path):
                  read_only=True)
 
 
-def test_write_beyond_virtual_size_is_refused(tmp_path):
+def test_write_beyond_virtual_size_is_refused(tmp_path, image_calls):
+    """Image.write and the daemon's unlocked write alike."""
     path = qemu.create(tmp_path / "t.qcow2", 1 << 20)
     with Image.open(str(path), writable=True) as img:
-        with pytest.raises(ValueError):
-            img.write((1 << 20) - 1, b"ab")
+        _, write = image_calls(img)
+        for offset in ((1 << 20) - 1, 1 << 20, -1):
+            with pytest.raises(ValueError):
+                write(offset, b"ab")
     qemu.assert_clean(path)
+    assert json.loads(qemu.run("qemu-img", "info", "--output=json", str(path)).stdout)["virtual-size"] == 1 << 20
 
 
 def test_concurrent_threads_at_cluster_and_l2_boundaries(tmp_path):

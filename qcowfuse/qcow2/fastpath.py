@@ -14,8 +14,12 @@ session), returns "not handled" having done nothing, and takes the general path
 in-place write needs, that guest data never lands on metadata or past the end of the
 file (QEMU's overlap check), is the general path's own predicate (data_target_ok); where
 it fails the fast path declines, so the general path raises and marks the image corrupt.
-Extended L2 entries and detect-zeroes always take the general path.  Constants are
-derived once here, not per request.
+A fast write records its range through the general path's commit_range (the one
+place persistent bitmaps are marked), and runs inside WritePath.write_checked (the one
+place corrupt images are refused and marked).  _host returns what it found (a host
+offset, UNHANDLED, or FRESH_AT - the L2 index of a fresh cluster); nothing is stashed
+between calls.  Extended L2 entries and detect-zeroes always take the general path.
+Constants are derived once here, not per request.
 
 Image.read and Image.write take the image lock around all this.  The FUSE daemon uses
 the image from one thread only and takes `unlocked()`'s pair instead: the same fast
@@ -26,11 +30,9 @@ in-place write 19.2k -> 15.6k, first write into a cluster 29.9k -> 25.0k).
 
 from __future__ import annotations
 
-import array
 import os
 from typing import TYPE_CHECKING, Callable
 
-from ..errors import CorruptError
 from ..hostfile import HostFile
 from .format import (
     L1E_OFFSET_MASK, L2E_OFFSET_MASK, QCOW_OFLAG_COPIED, QCOW_OFLAG_ZERO, plain_data_flags)
@@ -42,7 +44,9 @@ ReadFn = Callable[[int, int], "bytes | bytearray"]
 WriteFn = Callable[[int, "bytes | memoryview"], int]
 
 UNHANDLED = -1  # _host: take the general path
-FRESH = -2  # _host, for a write: one cluster in `fresh` (table and index kept)
+# _host, for a write: FRESH_AT - i says entry i of the L2 table _host just used (the L2
+# cache's most recent table, img.l2.mru) is a cluster in `fresh`
+FRESH_AT = -2
 
 
 class FastPath:
@@ -58,15 +62,14 @@ class FastPath:
         # L2 entries of clusters that read as zeros and hold no host cluster
         self.fresh = frozenset(([0] if img.backing is None else [])
                                + ([QCOW_OFLAG_ZERO] if img.version >= 3 else []))
-        self._table: array.array[int] | None = None  # where _host found a FRESH entry
-        self._index = 0
-        self.active_l2_offset = 0
 
     def _host(self, offset: int, length: int, for_write: bool) -> int:
         """Host offset of guest [offset, offset+length), or UNHANDLED when not a fast case: the
         range lies in one L2 table whose entries for it are plain data, each the one
         before plus a cluster with the same flags (one host extent, as a sequential
-        writer leaves them), so one pread or pwrite serves it."""
+        writer leaves them), so one pread or pwrite serves it.  For a write into one
+        cluster that reads as zeros without a host cluster: FRESH_AT - its L2 index
+        (the table is then the L2 cache's most recently used one)."""
         img = self.img
         in_cl = offset & self.in_cluster
         if offset < 0 or length <= 0 or offset + length > img.size:
@@ -88,8 +91,7 @@ class FastPath:
         host = entry & L2E_OFFSET_MASK
         if not host or entry & self.special or host & self.in_cluster:
             if for_write and not more and entry in self.fresh:
-                self._table, self._index, self.active_l2_offset = table, i, l2_offset
-                return FRESH
+                return FRESH_AT - i
             return UNHANDLED
         if for_write and not entry & QCOW_OFLAG_COPIED:
             return UNHANDLED  # maybe shared with a snapshot: the general path decides
@@ -113,7 +115,7 @@ class FastPath:
         user with threads keeps Image.read / Image.write."""
         img = self.img
         host_of = self._host
-        fast_write = self.write
+        write_checked = img.write_checked
         reads = self.reads
         pread = os.pread
 
@@ -125,19 +127,16 @@ class FastPath:
                     data = pread(f.fd, length, host)
                     # HostFile.pread's own checks, inline (a host offset from _host is in
                     # range): whole, and not reaching into the file's preallocated hole
-                    if len(data) == length and (f._size <= f._end or host + length <= f._end):
+                    if len(data) == length and (f.file_end <= f.data_end or host + length <= f.data_end):
                         return data
             return read(offset, length)
 
         def write_unlocked(offset: int, data: bytes | memoryview) -> int:
-            if type(data) is bytes and img.writable and not img.marked_corrupt:
-                try:
-                    if fast_write(offset, data):
-                        return len(data)
-                except CorruptError as e:  # as Image.write: refuse further writes
-                    img.mark_corrupt(str(e))
-                    raise
-            return write(offset, data)
+            length = len(data)
+            if type(data) is bytes and img.writable and 0 <= offset <= img.size - length:
+                write_checked(offset, data)  # Image.write's own step, without the lock
+                return length
+            return write(offset, data)  # Image.write raises what it raises
 
         return read_unlocked, write_unlocked
 
@@ -162,11 +161,10 @@ class FastPath:
         length = len(view)
         host = self._host(offset, length, True)
         if host < 0:
-            return host == FRESH and self._write_fresh(offset, view)
+            return host != UNHANDLED and self._write_fresh(offset, view, FRESH_AT - host)
         if not img.data_target_ok(host >> self.cluster_bits, (host + length - 1) >> self.cluster_bits):
             return False  # the general path's check_data_target refuses it
-        if img.bitmaps is not None:
-            img.bitmaps.mark(offset, length)
+        img.commit_range(offset, length)
         f = img.f
         # HostFile.pwrite, inline (the range is inside the file, checked above); a
         # substitute (the power-cut harness's recording layer) keeps its own
@@ -177,19 +175,20 @@ class FastPath:
         f.pwrite(host, view)  # the rest of a short write (rewritten whole), or a substitute
         return True
 
-    def _write_fresh(self, offset: int, view: bytes | memoryview) -> bool:
+    def _write_fresh(self, offset: int, view: bytes | memoryview, index: int) -> bool:
+        """The first write into entry `index` of the L2 table _host just used."""
         img = self.img
+        table, l2_offset = img.l2.mru, img.l2.mru_offset
+        assert table is not None
         c = img.alloc.alloc_quick()
         if c < 0:
             return False
         img.check_fresh(c, 1)
-        if img.bitmaps is not None:
-            img.bitmaps.mark(offset, len(view))
+        img.commit_range(offset, len(view))
         host = c << self.cluster_bits
         img.write_new_in_zeros(host, self.in_cluster + 1, offset & self.in_cluster, view)
-        assert self._table is not None
-        self._table[self._index] = host | QCOW_OFLAG_COPIED  # nothing to release: no host cluster
-        img.l2.mark_dirty(self.active_l2_offset)
+        table[index] = host | QCOW_OFLAG_COPIED  # nothing to release: no host cluster
+        img.l2.mark_dirty(l2_offset)
         if img.l2.over_budget:
             img.flush()
         return True

@@ -111,22 +111,34 @@ class WritePath(ImageState):
         with self.lock:  # the size too: a resize in another thread may shrink it meanwhile
             if offset < 0 or offset + length > self.size:
                 raise ValueError(f"write of {length} bytes at {offset} is beyond the virtual size {self.size}")
-            if self.marked_corrupt:
-                raise CorruptError("image was marked corrupt; writes are refused until it is repaired")
-            try:
-                if not self.fast.write(offset, view):  # the common case, whole (fastpath.py)
-                    self.write_locked(offset, memoryview(view))
-            except CorruptError as e:
-                self.mark_corrupt(str(e))
-                raise
+            self.write_checked(offset, view)
         return length
+
+    def write_checked(self, offset: int, view: bytes | memoryview) -> None:
+        """Guest bytes inside the virtual size, on a writable image, under the image lock
+        or from the one thread that uses the image (fastpath.py's unlocked pair): the
+        fast path where it serves, else the general path.  The one place that refuses
+        writes to an image marked corrupt and marks it where a write meets corruption."""
+        if self.marked_corrupt:
+            raise CorruptError("image was marked corrupt; writes are refused until it is repaired")
+        try:
+            if not self.fast.write(offset, view):  # the common case, whole (fastpath.py)
+                self.write_locked(offset, memoryview(view))
+        except CorruptError as e:
+            self.mark_corrupt(str(e))
+            raise
+
+    def commit_range(self, offset: int, length: int) -> None:
+        """A guest range is about to be written: the one place that records it in the
+        persistent bitmaps (called before its data reaches the file, by each path)."""
+        if self.bitmaps is not None:
+            self.bitmaps.mark(offset, length)
 
     def write_locked(self, offset: int, view: memoryview) -> None:
         length = len(view)
         if not self.prepared:
             self.prepare_for_write()
-        if self.bitmaps is not None:  # the one place the general path commits a guest range
-            self.bitmaps.mark(offset, length)
+        self.commit_range(offset, length)
         cb, cs = self.cluster_bits, self.cluster_size
         if self.header.extended_l2:
             self._write_subclusters(offset, view)
