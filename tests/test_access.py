@@ -19,8 +19,8 @@ from typing import Iterator
 
 import pytest
 
-import qemu
-from conftest import mounted, run_cli, scratch_dir, unmount
+from helpers import qemu
+from helpers.procs import mounted, run_cli, scratch_dir, unmount
 
 NOBODY = 65534
 GROUP = 4242  # a group nobody is otherwise in

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from cli_helpers import assert_one_line_error
-from conftest import _pid_alive, run_cli, unmount
-from qemu import assert_clean, check, create, qemu_io, run
+from helpers.cli import assert_one_line_error
+from helpers.procs import pid_alive, run_cli, unmount
+from helpers.qemu import assert_clean, check, create, qemu_io, run
 
 MiB = 1 << 20
 
@@ -294,7 +294,7 @@ def test_sigkill_leaves_bitmaps_in_use_never_wrong(tmp_path, mount):
             write_raw(raw, off, os.urandom(n))
         os.kill(pid, signal.SIGKILL)
         deadline = time.monotonic() + 10
-        while _pid_alive(pid) and time.monotonic() < deadline:
+        while pid_alive(pid) and time.monotonic() < deadline:
             time.sleep(0.05)
         unmount(target, None)
     info = check(img)

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-import qemu
-from conftest import run_cli
-from rawqcow2 import RefcountView
+from helpers import qemu
+from helpers.procs import run_cli
+from helpers.rawqcow2 import RefcountView
 
 MiB = 1 << 20
 

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-import qemu
-from cli_helpers import assert_refused
-from conftest import run_cli
+from helpers import qemu
+from helpers.cli import assert_refused
+from helpers.procs import run_cli
 
 
 def patch(path: Path, offset: int, fmt: str, *values) -> Path:
@@ -173,8 +173,8 @@ def test_output_that_cannot_be_written(tmp_path, cmd):
     nothing for the closed pipe, a non-zero exit, never a traceback."""
     import subprocess
 
-    from cli_helpers import assert_one_line_error
-    from conftest import QCOWFUSE
+    from helpers.cli import assert_one_line_error
+    from helpers.procs import QCOWFUSE
 
     img = qemu.create(tmp_path / "o.qcow2", 64 << 20, 512)
     qemu.qemu_io(img, *[f"write -P 1 {i}k 512" for i in range(0, 2000, 2)])  # a 200 KiB map

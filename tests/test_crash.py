@@ -46,8 +46,8 @@ from pathlib import Path
 
 import pytest
 
-import qemu
-from conftest import _pid_alive
+from helpers import qemu
+from helpers.procs import pid_alive
 from qcowfuse import Image
 from qcowfuse.hostfile import HostFile
 from qcowfuse.qcow2.check import Checker
@@ -862,9 +862,9 @@ def _assert_killed(killer: "_Killer", pid: int, where: str) -> None:
     """The kill happened (not an I/O failure first) and the daemon is gone."""
     assert killer.killed_at is not None, f"{where}: I/O failed before the kill"
     deadline = time.monotonic() + 10
-    while _pid_alive(pid) and time.monotonic() < deadline:
+    while pid_alive(pid) and time.monotonic() < deadline:
         time.sleep(0.02)
-    assert not _pid_alive(pid), f"{where}: daemon {pid} survived SIGKILL"
+    assert not pid_alive(pid), f"{where}: daemon {pid} survived SIGKILL"
 
 
 def test_sigkill_daemon_loses_nothing_fsynced(tmp_path, mount):
@@ -999,7 +999,7 @@ def test_enospc_through_mount_keeps_serving_and_never_corrupts(tmp_path, mount, 
                     synced_end = off
             assert enospc is not None, f"wrote all {size} bytes into a 24 MiB tmpfs?"
             assert enospc.errno == errno.ENOSPC, f"expected ENOSPC, got {enospc!r}"
-            assert _pid_alive(pid), "daemon died on ENOSPC"
+            assert pid_alive(pid), "daemon died on ENOSPC"
             # still serving: reads of what was written (from the daemon, not the page cache)
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
             for _ in range(20):
@@ -1017,7 +1017,7 @@ def test_enospc_through_mount_keeps_serving_and_never_corrupts(tmp_path, mount, 
                 fsync_after = e.strerror
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
             assert os.pread(fd, 8192, 4096) == patch
-            assert _pid_alive(pid), "daemon died after ENOSPC"
+            assert pid_alive(pid), "daemon died after ENOSPC"
         finally:
             os.close(fd)
     info = _check_not_corrupt(img)
@@ -1259,7 +1259,7 @@ def test_enospc_through_mount_while_the_refcount_table_grows(tmp_path, mount, sm
                     assert e.errno == errno.ENOSPC, f"expected ENOSPC, got {e!r}"
                     assert enospc_at is None, "ENOSPC twice"
                     enospc_at = off
-                    assert _pid_alive(pid), "daemon died on ENOSPC"
+                    assert pid_alive(pid), "daemon died on ENOSPC"
                     subprocess.run(["mount", "-o", "remount,size=64m", str(small_tmpfs)], check=True)
                     assert os.pwrite(fd, block(off), off) == chunk  # space is back: retry
                 model[off:off + chunk] = block(off)

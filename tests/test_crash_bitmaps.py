@@ -14,7 +14,7 @@ import random
 
 import pytest
 
-import qemu
+from helpers import qemu
 from qcowfuse import Image
 from qcowfuse.hostfile import HostFile
 from test_bitmaps import dirty_ranges

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 
-import qemu
-from rawqcow2 import RefcountView
+from helpers import qemu
+from helpers.rawqcow2 import RefcountView
 from qcowfuse import Image
 from qcowfuse.hostfile import HostFile
 from test_crash import (SECTOR, SEED, GuestWrite, RecordingFile, Truncate, Workload, _after_kill,

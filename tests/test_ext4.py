@@ -8,7 +8,7 @@ import random
 import subprocess
 from pathlib import Path
 
-import qemu
+from helpers import qemu
 
 
 def sh(*args: str) -> str:

@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-import qemu
+from helpers import qemu
 
 MiB = 1 << 20
 

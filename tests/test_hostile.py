@@ -13,9 +13,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import qemu
-from cli_helpers import assert_refused
-from conftest import fuse_mounts, unmount
+from helpers import qemu
+from helpers.cli import assert_refused
+from helpers.procs import fuse_mounts, unmount
 from qcowfuse import Image, QcowError
 from qcowfuse.qcow2.check import Checker
 

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-import qemu
-from cli_helpers import assert_refused
+from helpers import qemu
+from helpers.cli import assert_refused
 from qcowfuse import Image
-from workload import random_writes
+from helpers.workload import random_writes
 
 MiB = 1 << 20
 

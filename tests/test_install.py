@@ -23,8 +23,8 @@ from pathlib import Path
 
 import pytest
 
-import qemu
-from conftest import fuse_mounts, unmount
+from helpers import qemu
+from helpers.procs import fuse_mounts, unmount
 from qcowfuse import cli, daemon
 
 REPO = Path(__file__).resolve().parent.parent

@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-import qemu
-from cli_helpers import assert_refused
+from helpers import qemu
+from helpers.cli import assert_refused
 
 
 def qemu_io_rc(img, *args: str) -> subprocess.CompletedProcess:

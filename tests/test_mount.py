@@ -13,9 +13,9 @@ import time
 import pytest
 import trio
 
-import qemu
-from conftest import fuse_mounts, unmount
-from workload import random_writes
+from helpers import qemu
+from helpers.procs import fuse_mounts, unmount
+from helpers.workload import random_writes
 
 
 def test_reads_patterns_qemu_wrote(tmp_path, mount):

@@ -15,9 +15,9 @@ from typing import Callable
 
 import pytest
 
-from conftest import mounted, run_cli
-from qemu import LUKS_SECRET as SECRET
-from qemu import check, compare_raw, convert_to_raw, create, create_luks, qemu_io, run
+from helpers.procs import mounted, run_cli
+from helpers.qemu import LUKS_SECRET as SECRET
+from helpers.qemu import check, compare_raw, convert_to_raw, create, create_luks, qemu_io, run
 
 MiB = 1 << 20
 

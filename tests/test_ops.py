@@ -27,9 +27,9 @@ from typing import Iterator
 
 import pytest
 
-import qemu
-from cli_helpers import assert_one_line_error
-from conftest import scratch_dir
+from helpers import qemu
+from helpers.cli import assert_one_line_error
+from helpers.procs import pid_alive, scratch_dir, unescape_mount
 
 BIN_DIR = Path(sys.executable).parent
 QCOWFUSE_BIN = BIN_DIR / "qcowfuse"
@@ -53,17 +53,13 @@ def which(name: str) -> str | None:
 
 # -- mounts, processes --------------------------------------------------------
 
-def _unescape_mount_field(s: str) -> str:
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), s)
-
-
 def mount_entry(path: Path | str) -> tuple[str, set[str]] | None:
     """(fstype, options) of the mount at path, from /proc/self/mounts; None if not mounted."""
     found = None
     with open("/proc/self/mounts") as fh:
         for line in fh:
             f = line.split()
-            if _unescape_mount_field(f[1]) == str(path):
+            if unescape_mount(f[1]) == str(path):
                 found = (f[2], set(f[3].split(",")))
     return found
 
@@ -75,14 +71,6 @@ def force_unmount(path: Path | str) -> None:
         subprocess.run(["fusermount3", "-uz", str(path)], capture_output=True, timeout=30)
         if mount_entry(path) is not None:
             subprocess.run(["umount", "-l", str(path)], capture_output=True, timeout=30)
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(") ", 1)[-1][0] != "Z"
-    except (FileNotFoundError, ProcessLookupError):
-        return False
 
 
 def holders(path: Path) -> list[int]:
@@ -728,7 +716,7 @@ def nobody(qcowfuse_bin) -> Iterator[Nobody]:
     finally:
         with open("/proc/self/mounts") as fh:
             for line in fh:
-                mp = _unescape_mount_field(line.split()[1])
+                mp = unescape_mount(line.split()[1])
                 if mp.startswith(str(root) + "/"):
                     force_unmount(mp)
         for f in root.glob("*.qcow2"):

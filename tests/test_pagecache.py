@@ -12,7 +12,7 @@ import subprocess
 
 import pytest
 
-from qemu import create, qemu_io
+from helpers.qemu import create, qemu_io
 
 SIZE = 16 << 20
 

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-import qemu
-from cli_helpers import assert_one_line_error
-from conftest import run_cli
+from helpers import qemu
+from helpers.cli import assert_one_line_error
+from helpers.procs import run_cli
 from qcowfuse import Image, ReadOnlyError
 from qcowfuse.errors import ResizeError
 from test_ext4 import assert_ext4_as_qemu_reads_it, fs_mounted, loop_device, sh, tree_hashes

@@ -13,8 +13,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import qemu
-from conftest import run_cli
+from helpers import qemu
+from helpers.procs import run_cli
 from qcowfuse.qcow2.refcounts import RefblockCodec
 from qcowfuse.qcow2.scan import decode_refblock, encode_refblock
 from test_check import assert_same_counts

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-import qemu
-from conftest import run_cli
+from helpers import qemu
+from helpers.procs import run_cli
 from qcowfuse import Image, QcowError
 from qcowfuse.qcow2.check import Checker
 from test_check import assert_same_counts, qcowfuse_check

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import fuse_mounts, mounted
-from qemu import assert_clean, convert_to_raw, create, qemu_io, run
+from helpers.procs import fuse_mounts, mounted
+from helpers.qemu import assert_clean, convert_to_raw, create, qemu_io, run
 
 MiB = 1 << 20
 

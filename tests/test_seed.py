@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import os
 
-import qemu
-from rawqcow2 import RefcountView
+from helpers import qemu
+from helpers.rawqcow2 import RefcountView
 
 GiB = 1 << 30
 MiB = 1 << 20

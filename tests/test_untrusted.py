@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from cli_helpers import assert_refused
-from qemu import create, qemu_io, run
+from helpers.cli import assert_refused
+from helpers.qemu import create, qemu_io, run
 
 MiB = 1 << 20
 

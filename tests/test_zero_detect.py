@@ -9,7 +9,7 @@ import os
 
 import pytest
 
-import qemu
+from helpers import qemu
 from qcowfuse import Image
 
 KiB, MiB = 1 << 10, 1 << 20

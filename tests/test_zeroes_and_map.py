@@ -9,8 +9,8 @@ import random
 
 import pytest
 
-import qemu
-from conftest import run_cli
+from helpers import qemu
+from helpers.procs import run_cli
 from qcowfuse import Image
 
 MiB = 1 << 20
