@@ -19,7 +19,7 @@ import pytest
 
 from helpers.cli import assert_one_line_error
 from helpers.procs import pid_alive, run_cli, unmount
-from helpers.qemu import assert_clean, check, create, qemu_io, run
+from helpers.qemu import assert_clean, check, create, dirty_ranges, qemu_io, run
 
 MiB = 1 << 20
 
@@ -28,20 +28,6 @@ def bitmap_flags(image: Path) -> dict[str, list[str]]:
     info = json.loads(run("qemu-img", "info", "-U", "--output=json", str(image)).stdout)
     bitmaps = info.get("format-specific", {}).get("data", {}).get("bitmaps", [])
     return {b["name"]: b["flags"] for b in bitmaps}
-
-
-def dirty_ranges(image: Path, name: str) -> list[tuple[int, int]]:
-    """What QEMU says bitmap `name` marks dirty: merged (start, end) ranges."""
-    r = run("nbdinfo", "--json", f"--map=qemu:dirty-bitmap:{name}", "--",
-            "[", "qemu-nbd", "-r", "-f", "qcow2", "-B", name, str(image), "]")
-    out: list[tuple[int, int]] = []
-    for e in json.loads(r.stdout):
-        if e["type"] & 1:
-            if out and out[-1][1] == e["offset"]:
-                out[-1] = (out[-1][0], e["offset"] + e["length"])
-            else:
-                out.append((e["offset"], e["offset"] + e["length"]))
-    return out
 
 
 def expected(ranges: list[tuple[int, int]], granularity: int, size: int) -> list[tuple[int, int]]:

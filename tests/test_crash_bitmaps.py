@@ -17,9 +17,9 @@ import pytest
 from helpers import qemu
 from helpers.powercut import (SEED, GuestWrite, RecordingFile, Workload, guest_raw, judged_crash_images,
                               pick_cuts, verify_guest)
+from helpers.qemu import dirty_ranges
 from qcowfuse import Image
 from qcowfuse.hostfile import HostFile
-from test_bitmaps import dirty_ranges
 
 
 def _bitmap_state(path) -> dict[str, tuple[list[str], list | None]]:

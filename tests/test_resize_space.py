@@ -14,7 +14,7 @@ import pytest
 
 from helpers import qemu
 from helpers.procs import run_cli
-from test_resize import Model
+from helpers.resize import Model
 
 KiB, MiB = 1 << 10, 1 << 20
 CS = 4096  # one L2 table maps 2 MiB: the shrink frees tables as well as data clusters
