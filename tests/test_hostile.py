@@ -16,32 +16,15 @@ from hypothesis import strategies as st
 from helpers import qemu
 from helpers.cli import assert_refused
 from helpers.procs import fuse_mounts, unmount
+from helpers.rawqcow2 import COPIED, L2_OFFSET_MASK, RawImage
 from qcowfuse import Image, QcowError
 from qcowfuse.qcow2.check import Checker
 
 MiB = 1 << 20
 
 
-def l2_entry_offset(img: Path, guest_cluster: int) -> int:
-    """File offset of the L2 entry for a guest cluster (64 KiB clusters, first L2 table)."""
-    data = img.read_bytes()
-    l1_off = struct.unpack_from(">Q", data, 40)[0]
-    l2_off = struct.unpack_from(">Q", data, l1_off)[0] & 0x00FFFFFFFFFFFE00
-    return l2_off + 8 * guest_cluster
-
-
-def set_l2_entry(img: Path, guest_cluster: int, value: int) -> None:
-    off = l2_entry_offset(img, guest_cluster)
-    with open(img, "r+b") as fh:
-        fh.seek(off)
-        fh.write(struct.pack(">Q", value))
-
-
 def header_flags(img: Path) -> int:
     return struct.unpack_from(">Q", img.read_bytes(), 72)[0]
-
-
-COPIED = 1 << 63
 
 
 @pytest.fixture
@@ -52,7 +35,7 @@ def image(tmp_path):
 
 
 def test_data_cluster_past_eof_gives_eio_for_that_range_only(tmp_path, image, mount):
-    set_l2_entry(image, 3, COPIED | (1 << 40))
+    RawImage(image).set_l2_entry(3, COPIED | (1 << 40))
     with mount(image, tmp_path / "raw") as (raw, pid):
         fd = os.open(raw, os.O_RDWR)
         try:
@@ -73,7 +56,7 @@ def test_data_cluster_past_eof_gives_eio_for_that_range_only(tmp_path, image, mo
 def test_write_through_pointer_into_metadata_is_refused(tmp_path, image, mount):
     data = image.read_bytes()
     reftable = struct.unpack_from(">Q", data, 48)[0]
-    set_l2_entry(image, 4, COPIED | reftable)  # data "cluster" aliasing the refcount table
+    RawImage(image).set_l2_entry(4, COPIED | reftable)  # data "cluster" aliasing the refcount table
     before = image.read_bytes()[reftable:reftable + 65536]
     with mount(image, tmp_path / "raw") as (raw, _):
         fd = os.open(raw, os.O_RDWR)
@@ -276,7 +259,7 @@ def test_allocation_never_lands_on_metadata(tmp_path, image):
     img = Image.open(str(image), writable=True)
     try:
         img.write(0, b"\x12" * 512)  # first write: checks and heals, then in place
-        l2 = img.l1[0] & 0x00FFFFFFFFFFFE00
+        l2 = img.l1[0] & L2_OFFSET_MASK
         c = l2 >> img.cluster_bits
         img.rc.add(c, -1)  # the L2 table now looks free: the lowest free cluster
         assert img.rc.next_free(0) == c
