@@ -44,6 +44,7 @@ from pathlib import Path
 import pytest
 
 from helpers import qemu
+from helpers.checking import vmd_damaged
 from helpers.powercut import (SECTOR, SEED, GuestWrite, Killer, RecordingFile, Workload, after_kill,
                               assert_killed, check_not_corrupt, check_summary, cut_every_epoch,
                               guest_raw, judged_crash_images, pick_cuts, verify_guest)
@@ -395,8 +396,6 @@ def test_power_cut_during_repair(tmp_path):
     """`check --repair all` of vmd's damage, cut at every step: the old refcount
     structures stay in charge until the header switches to complete new ones, so a
     crash image is never worse than the damaged image was, and no guest byte changes."""
-    from test_check import vmd_damaged
-
     path = tmp_path / "vmd.qcow2"
     vmd_damaged(path, data_mib=40)
     before = qemu.check(path)

@@ -14,10 +14,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from helpers import qemu
+from helpers.checking import assert_same_counts
 from helpers.procs import run_cli
 from qcowfuse.qcow2.refcounts import RefblockCodec
 from qcowfuse.qcow2.scan import decode_refblock, encode_refblock
-from test_check import assert_same_counts
 
 MiB = 1 << 20
 

@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 
 from helpers import qemu
+from helpers.checking import assert_same_counts, qcowfuse_check
 from helpers.procs import run_cli
 from helpers.rawqcow2 import COPIED, L2_OFFSET_MASK, RawImage
 from qcowfuse import Image, QcowError
 from qcowfuse.qcow2.check import Checker
-from test_check import assert_same_counts, qcowfuse_check
 
 MiB = 1 << 20
 
