@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.root  # every test here mounts (see the markers in pyproject.toml)
+
 BENCH = Path(__file__).resolve().parent.parent / "scripts" / "bench"
 TOOLS = ("fio", "qemu-img", "qemu-storage-daemon", "qemu-nbd", "nbdfuse", "fusermount3", "losetup",
          "mkfs.ext4")

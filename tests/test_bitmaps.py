@@ -141,6 +141,7 @@ HOSTILE = {
 }
 
 
+@pytest.mark.root
 @pytest.mark.parametrize("case", sorted(HOSTILE))
 def test_malformed_bitmaps_refused_and_never_repaired(tmp_path, case, mount):
     img = bitmap_image(tmp_path)
@@ -169,6 +170,7 @@ def test_malformed_bitmaps_refused_and_never_repaired(tmp_path, case, mount):
 WRITES = [(100 * MiB + 4096, 4096), (150 * MiB, 3 * MiB), (200 * MiB + 512, 512), (4 * MiB + 8192, 4096)]
 
 
+@pytest.mark.root
 def test_mount_writes_are_recorded_in_enabled_bitmaps(tmp_path, mount):
     img = bitmap_image(tmp_path)
     off_before = dirty_ranges(img, "off")
@@ -199,6 +201,7 @@ def test_mount_writes_are_recorded_in_enabled_bitmaps(tmp_path, mount):
     assert dirty_ranges(img, "off") == expected(old + new, 65536, 256 * MiB)
 
 
+@pytest.mark.root
 @pytest.mark.parametrize("granularity", [512, 65536, 2 * MiB])
 def test_bitmap_granularities_and_a_bitmap_added_later(tmp_path, mount, granularity):
     """Whole-cluster, sub-granule and cross-data-cluster writes, two mounts, and a bitmap
@@ -226,6 +229,7 @@ def test_bitmap_granularities_and_a_bitmap_added_later(tmp_path, mount, granular
     assert bitmap_flags(img) == {"a": ["auto"], "later": ["auto"]}
 
 
+@pytest.mark.root
 def test_read_only_mount_changes_nothing(tmp_path, mount):
     img = bitmap_image(tmp_path)
     before = sha(img)
@@ -236,6 +240,7 @@ def test_read_only_mount_changes_nothing(tmp_path, mount):
     assert sha(img) == before
 
 
+@pytest.mark.root
 def test_bitmap_in_use_at_open_is_left_alone(tmp_path, mount):
     """A writer died with the bitmaps loaded: QEMU treats them as inconsistent; so do we."""
     img = bitmap_image(tmp_path)
@@ -260,6 +265,7 @@ def test_bitmap_in_use_at_open_is_left_alone(tmp_path, mount):
     assert_one_line_error(r.returncode, r.stderr, "in use")
 
 
+@pytest.mark.root
 def test_sigkill_leaves_bitmaps_in_use_never_wrong(tmp_path, mount):
     img = bitmap_image(tmp_path)
     target = tmp_path / "r.raw"
@@ -284,6 +290,7 @@ def test_sigkill_leaves_bitmaps_in_use_never_wrong(tmp_path, mount):
 
 # -- resizing: bitmaps follow the disk, as QEMU's do ------------------------------------------
 
+@pytest.mark.root
 def test_bitmaps_follow_grow_and_shrink_as_qemu_does(tmp_path, mount):
     """The same writes and resizes done by QEMU (qemu-io, qemu-img resize) on a copy give
     the same bitmaps: grown through a mount with truncate, shrunk and grown offline."""
@@ -323,6 +330,7 @@ def test_bitmaps_follow_grow_and_shrink_as_qemu_does(tmp_path, mount):
         assert dirty_ranges(ours, name) == dirty_ranges(theirs, name), name
 
 
+@pytest.mark.root
 def test_shrink_then_grow_in_one_mount_keeps_later_writes_and_frees_cut_data(tmp_path, mount):
     """A shrink drops the bitmap data clusters past the new end; growing again in the same
     mount and writing there must record the write (not keep the dropped cluster because its
@@ -343,6 +351,7 @@ def test_shrink_then_grow_in_one_mount_keeps_later_writes_and_frees_cut_data(tmp
     assert dirty_ranges(img, "b") == [(60 * MiB, 60 * MiB + 512)]  # 50M was cut off: clean
 
 
+@pytest.mark.root
 def test_truncate_to_zero_refused_while_bitmaps_exist(tmp_path, mount):
     """A bitmap of a 0-byte disk would need an empty table, which QEMU refuses to open
     (bitmap_table_size 0): the truncate is refused and the image stays QEMU's."""

@@ -44,6 +44,7 @@ def test_vmd_damage_found_like_qemu_and_repaired(tmp_path):
     verify_patterns(img)
 
 
+@pytest.mark.root
 def test_rw_mount_heals_vmd_damage_before_allocating(tmp_path, mount):
     img = tmp_path / "vmd.qcow2"
     vmd_damaged(img)
@@ -230,6 +231,7 @@ def test_check_text_output_like_qemu(tmp_path):
     assert f"{len(errors)} errors were found on the image." in ours
 
 
+@pytest.mark.root
 def test_repair_all_clears_the_corrupt_bit(tmp_path, mount):
     """An image marked corrupt (by a writer that met bad metadata) whose refcounts are
     fine: `check --repair all` clears the bit, and the image mounts read-write again."""
@@ -265,6 +267,7 @@ def test_check_reports_unaligned_tables_like_qemu(tmp_path):
     assert theirs.returncode == 2 and "Table is not cluster aligned" in theirs.stdout + theirs.stderr
 
 
+@pytest.mark.root
 def test_info_takes_no_locks(tmp_path, mount):
     """info works on an image a read-write mount holds locked (like qemu-img info -U)."""
     img = qemu.create(tmp_path / "l.qcow2", 4 * MiB)

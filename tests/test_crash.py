@@ -439,6 +439,7 @@ def _block_data(seq: int, block: int) -> bytes:
     return struct.pack(">QQ", seq, block) * (BLOCK // 16)
 
 
+@pytest.mark.root
 def test_sigkill_daemon_loses_nothing_fsynced(tmp_path, mount):
     rnd = random.Random(SEED + 2)
     rounds = 10
@@ -544,6 +545,7 @@ def small_tmpfs(tmp_path):
             subprocess.run(["umount", "-l", str(d)], capture_output=True)
 
 
+@pytest.mark.root
 @pytest.mark.parametrize("cs,rb", [(65536, 16), (512, 64)])
 def test_enospc_through_mount_keeps_serving_and_never_corrupts(tmp_path, mount, small_tmpfs, cs, rb):
     size = 64 << 20
@@ -782,6 +784,7 @@ def test_enospc_while_the_refcount_table_grows(tmp_path):
     assert verify_guest(guest_raw(path), model, model, []) is None
 
 
+@pytest.mark.root
 def test_enospc_through_mount_while_the_refcount_table_grows(tmp_path, mount, small_tmpfs):
     """The same, end to end: a tmpfs sized (from a dry run of the same write sequence)
     to fill up exactly when the daemon writes the grown refcount table; the client

@@ -247,6 +247,7 @@ def test_power_cut_in_a_shrink_dropping_a_refcount_block_counted_by_another(tmp_
 BLOCK = 4096
 
 
+@pytest.mark.root
 def test_sigkill_while_growing_through_mount(tmp_path, mount):
     """A client grows the disk step by step (every step moves the L1 table) and writes
     into each new range, fsyncing now and then; the daemon is killed at a random moment.

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import random
 
+import pytest
+
 from helpers import qemu
 from helpers.ext4 import assert_ext4_as_qemu_reads_it, fs_mounted, loop_device, sh, tree_hashes
+
+pytestmark = pytest.mark.root  # every test here mounts (see the markers in pyproject.toml)
 
 
 def test_ext4_on_loop_device(tmp_path, mount):

@@ -9,6 +9,8 @@ import pytest
 
 from helpers import qemu
 
+pytestmark = pytest.mark.root  # every test here mounts (see the markers in pyproject.toml)
+
 MiB = 1 << 20
 
 

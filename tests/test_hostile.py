@@ -34,6 +34,7 @@ def image(tmp_path):
     return img
 
 
+@pytest.mark.root
 def test_data_cluster_past_eof_gives_eio_for_that_range_only(tmp_path, image, mount):
     RawImage(image).set_l2_entry(3, COPIED | (1 << 40))
     with mount(image, tmp_path / "raw") as (raw, pid):
@@ -53,6 +54,7 @@ def test_data_cluster_past_eof_gives_eio_for_that_range_only(tmp_path, image, mo
     assert header_flags(image) & 2, "the corrupt bit must be set after a write hit bad metadata"
 
 
+@pytest.mark.root
 def test_write_through_pointer_into_metadata_is_refused(tmp_path, image, mount):
     data = image.read_bytes()
     reftable = struct.unpack_from(">Q", data, 48)[0]
@@ -272,6 +274,7 @@ def test_allocation_never_lands_on_metadata(tmp_path, image):
     assert header_flags(image) & 2, "the corrupt bit must be set"
 
 
+@pytest.mark.root
 def test_corrupt_table_through_mount_gives_eio_for_its_range_only(tmp_path, mount):
     """An L1 entry pointing at an unaligned L2 table: reads of the guest range that
     table maps get EIO through the mount; the rest is still served."""

@@ -10,6 +10,8 @@ import pytest
 from helpers import qemu
 from helpers.cli import assert_refused
 
+pytestmark = pytest.mark.root  # every test here mounts (see the markers in pyproject.toml)
+
 
 def qemu_io_rc(img, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(["qemu-io", *args, str(img)], capture_output=True, text=True)

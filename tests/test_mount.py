@@ -17,6 +17,8 @@ from helpers import qemu
 from helpers.procs import fuse_mounts, unmount
 from helpers.workload import random_writes
 
+pytestmark = pytest.mark.root  # every test here mounts (see the markers in pyproject.toml)
+
 
 def test_reads_patterns_qemu_wrote(tmp_path, mount):
     img = qemu.create(tmp_path / "disk.qcow2", 256 << 20)

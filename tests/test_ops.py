@@ -336,6 +336,7 @@ def test_unit_specifiers_and_defaults():
     assert env_file == "-/etc/qcowfuse/srv-vm-disk.qcow2.env"
 
 
+@pytest.mark.root
 @pytest.mark.parametrize("stop", ["ExecStop", "admin-umount", "crash-and-restart"])
 def test_unit_lifecycle(tmp_path, qcowfuse_bin, notify, stop):
     """ExecStartPre, ExecStart (Type=notify), ExecStop of the shipped unit, run like systemd runs them.
@@ -400,6 +401,7 @@ def test_unit_lifecycle(tmp_path, qcowfuse_bin, notify, stop):
 
 # -- b: sd_notify readiness -----------------------------------------------------
 
+@pytest.mark.root
 def test_sd_notify_ready_then_stopping(tmp_path, qcowfuse_bin, notify):
     size = 48 << 20
     img = qemu.create(tmp_path / "disk.qcow2", size)
@@ -427,6 +429,7 @@ def test_sd_notify_ready_then_stopping(tmp_path, qcowfuse_bin, notify):
     qemu.qemu_io(img, "read -P 0x5a 3M 64k", "read -P 0x99 10M 4k", read_only=True)
 
 
+@pytest.mark.root
 def test_sd_notify_absent_socket_is_harmless(tmp_path, qcowfuse_bin):
     """NOTIFY_SOCKET naming nothing (systemd gone, a stale variable) must not stop the daemon."""
     img = qemu.create(tmp_path / "disk.qcow2", 8 << 20)
@@ -444,6 +447,7 @@ def test_sd_notify_absent_socket_is_harmless(tmp_path, qcowfuse_bin):
     qemu.assert_clean(img)
 
 
+@pytest.mark.root
 def test_relative_pidfile_lands_in_the_callers_directory(tmp_path, qcowfuse_bin):
     """`--pidfile p` names p in the caller's cwd, though the daemon runs in /."""
     img = qemu.create(tmp_path / "disk.qcow2", 8 << 20)
@@ -494,6 +498,7 @@ def umount_and_wait(mp: Path, image: Path) -> None:
     assert mount_entry(mp) is None
 
 
+@pytest.mark.root
 @pytest.mark.parametrize("how", ["mount", "mount.fuse3"])
 def test_helper_mount_ro_leaves_image_untouched(tmp_path, qcowfuse_bin, how):
     size = 32 << 20
@@ -515,6 +520,7 @@ def test_helper_mount_ro_leaves_image_untouched(tmp_path, qcowfuse_bin, how):
     qemu.assert_clean(img)
 
 
+@pytest.mark.root
 @pytest.mark.parametrize("how", ["mount", "mount.fuse3"])
 def test_helper_mount_rw_writes_reach_image(tmp_path, qcowfuse_bin, how):
     size = 32 << 20
@@ -577,6 +583,7 @@ def system_install() -> Iterator[Path]:
                                capture_output=True, timeout=120)
 
 
+@pytest.mark.root
 def test_fstab_line_with_generic_options(tmp_path, system_install):
     """`mount MP` with an fstab line of type fuse.qcowfuse, run with no PATH at all:
     mount.fuse3's shell must find /usr/local/bin/qcowfuse as scripts/install left it.
@@ -608,6 +615,7 @@ def test_fstab_line_with_generic_options(tmp_path, system_install):
     qemu.assert_clean(img)
 
 
+@pytest.mark.root
 @pytest.mark.parametrize("options", [
     FSTAB_OPTIONS,
     "defaults,noatime,nofail,_netdev,ro,dev,suid",
@@ -734,6 +742,7 @@ def nobody_image(nobody, size: int, *qemu_io_commands: str) -> Path:
     return img
 
 
+@pytest.mark.root
 def test_nobody_mounts_reads_writes_unmounts(nobody, qcowfuse_bin):
     size = 16 << 20
     img = nobody_image(nobody, size, "write -P 0x2e 0 64k")
@@ -775,6 +784,7 @@ def test_nobody_mounts_reads_writes_unmounts(nobody, qcowfuse_bin):
     qemu.qemu_io(img, "read -P 0x2e 0 64k", "read -P 0xa5 1M 256k", read_only=True)
 
 
+@pytest.mark.root
 @pytest.mark.parametrize("fg", [False, True], ids=["daemon", "foreground"])
 def test_nobody_allow_other_without_user_allow_other(nobody, qcowfuse_bin, fg):
     """One clear line naming user_allow_other and /etc/fuse.conf, non-zero exit, nothing left."""
@@ -795,6 +805,7 @@ def test_nobody_allow_other_without_user_allow_other(nobody, qcowfuse_bin, fg):
     assert img.read_bytes() == before
 
 
+@pytest.mark.root
 def test_nobody_allow_other_with_user_allow_other(nobody, qcowfuse_bin):
     size = 8 << 20
     img = nobody_image(nobody, size, "write -P 0x71 0 4k")
@@ -818,6 +829,7 @@ def test_nobody_allow_other_with_user_allow_other(nobody, qcowfuse_bin):
     qemu.assert_clean(img)
 
 
+@pytest.mark.root
 def test_nobody_without_access_to_dev_fuse(nobody, qcowfuse_bin):
     """/dev/fuse 0600 (no udev): a clear one-line reason, not "fuse_session_mount failed"."""
     img = nobody_image(nobody, 8 << 20)

@@ -14,6 +14,8 @@ import pytest
 
 from helpers.qemu import create, qemu_io
 
+pytestmark = pytest.mark.root  # every test here mounts (see the markers in pyproject.toml)
+
 SIZE = 16 << 20
 
 

@@ -244,6 +244,7 @@ def test_inconsistent_bitmaps_are_refused(tmp_path):
 
 # -- through the mount ----------------------------------------------------------------------
 
+@pytest.mark.root
 def test_truncate_through_mount(tmp_path, mount):
     cs = 512
     path = qemu.create(tmp_path / "t.qcow2", 1 * MiB, cs)
@@ -292,6 +293,7 @@ def test_truncate_through_mount(tmp_path, mount):
         assert e.value.errno == errno.EROFS
 
 
+@pytest.mark.root
 def test_loop_device_and_resize2fs_in_the_grown_view(tmp_path, mount):
     path = qemu.create(tmp_path / "guest.qcow2", 64 * MiB, 4096)
     rnd = random.Random(13)
@@ -344,6 +346,7 @@ def test_cli_resize_speaks_qemu_img(tmp_path):
     assert_one_line_error(r.returncode, r.stderr, "No such file")
 
 
+@pytest.mark.root
 def test_cli_resize_refuses_an_image_in_use(tmp_path, mount):
     path = qemu.create(tmp_path / "t.qcow2", 1 * MiB)
     with mount(path, tmp_path / "raw") as (raw, _):

@@ -59,6 +59,7 @@ def test_offline_shrink_gives_space_back(tmp_path):
     assert after.st_size == qemu.check(path)["image-end-offset"]
 
 
+@pytest.mark.root
 def test_truncate_through_mount_gives_space_back_and_grows_again(tmp_path, mount):
     """Data written through the mount past the new end and zeroed again (detect-zeroes=on
     keeps the clusters), so that the file grew ahead as a hole; truncate(2) shrinks, then

@@ -10,8 +10,12 @@ from __future__ import annotations
 
 import os
 
+import pytest
+
 from helpers import qemu
 from helpers.rawqcow2 import RefcountView
+
+pytestmark = pytest.mark.root  # every test here mounts (see the markers in pyproject.toml)
 
 GiB = 1 << 30
 MiB = 1 << 20

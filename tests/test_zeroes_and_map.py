@@ -33,6 +33,7 @@ def disk_usage(path) -> int:
     return os.stat(path).st_blocks * 512
 
 
+@pytest.mark.root
 @pytest.mark.parametrize("mode", ["on", "unmap"])
 def test_detect_zeroes_through_mount(tmp_path, mount, mode):
     img = qemu.create(tmp_path / "z.qcow2", 64 * MiB)
