@@ -4,11 +4,14 @@ behind them is in helpers/ (helpers.procs: the CLI, mounts, daemons)."""
 from __future__ import annotations
 
 import subprocess
+from pathlib import Path
+from typing import Iterator
 
 import pytest
 from hypothesis import HealthCheck, settings
 
 from helpers.procs import SCRATCH_DIRS, fuse_mount_sources, fuse_mounts, mounted
+from helpers.services import QCOWFUSE_BIN, NotifySocket
 
 settings.register_profile(
     "qcowfuse", deadline=None, database=None, print_blob=True,
@@ -29,6 +32,25 @@ def image_calls(request):
 def mount():
     """mount(image, mountpoint, *options) -> context manager yielding (raw path, pid)."""
     return mounted
+
+
+@pytest.fixture
+def qcowfuse_bin() -> Path:
+    """The installed `qcowfuse` program next to sys.executable (what systemd, mount(8)
+    and users run), never `python -m qcowfuse`."""
+    if not QCOWFUSE_BIN.exists():
+        pytest.skip(f"{QCOWFUSE_BIN} not installed (scripts/test installs the package into .venv)")
+    return QCOWFUSE_BIN
+
+
+@pytest.fixture
+def notify() -> Iterator[NotifySocket]:
+    """A bound $NOTIFY_SOCKET, as systemd provides it, removed afterwards."""
+    n = NotifySocket()
+    try:
+        yield n
+    finally:
+        n.close()
 
 
 @pytest.fixture(autouse=True, scope="session")
