@@ -1,4 +1,4 @@
-"""scripts/bench keeps working: a --quick run completes, prints its table and closing
+"""scripts/bench.py keeps working: a --quick run completes, prints its table and closing
 line, and leaves no mount, loop device or work file behind."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import pytest
 
 pytestmark = pytest.mark.root  # every test here mounts (see the markers in pyproject.toml)
 
-BENCH = Path(__file__).resolve().parent.parent / "scripts" / "bench"
+BENCH = Path(__file__).resolve().parent.parent / "scripts" / "bench.py"
 TOOLS = ("fio", "qemu-img", "qemu-storage-daemon", "qemu-nbd", "nbdfuse", "fusermount3", "losetup",
          "mkfs.ext4")
 
