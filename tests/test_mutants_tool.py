@@ -1,4 +1,4 @@
-"""scripts/mutants itself (the full mutation run is not part of CI: see README)."""
+"""scripts/mutants.py itself (the full mutation run is not part of CI: see README)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-TOOL = ROOT / "scripts" / "mutants"
+TOOL = ROOT / "scripts" / "mutants.py"
 
 SMOKE_SET = '''
 import sys

@@ -10,10 +10,10 @@ the file back.  A mutant whose tests still pass "survived": the suite would not
 notice that bug.  An anchor that is missing or not unique fails that mutant loudly
 (code moved: update the anchor in mutant_set.py).
 
-  scripts/mutants                     # every mutant
-  scripts/mutants flush-no-data-sync  # some, by name (shell-style patterns work)
-  scripts/mutants --list              # names, files and rules
-  scripts/mutants --baseline ...      # first run each test subset unmutated (must pass)
+  scripts/mutants.py                     # every mutant
+  scripts/mutants.py flush-no-data-sync  # some, by name (shell-style patterns work)
+  scripts/mutants.py --list              # names, files and rules
+  scripts/mutants.py --baseline ...      # first run each test subset unmutated (must pass)
 
 Prints `mutant | killed/survived | by which test | seconds` and `N passed, M failed`
 (passed = killed).  Exit status 0 only if every selected mutant was killed.  Uses the
