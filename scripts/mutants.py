@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Mutation check for the qcow2 engine: does the test suite notice when a rule breaks?
 
-Each mutant in scripts/mutant_set.py names one rule the README promises, a file of
+Each mutant in tests/mutants/mutant_set.py names one rule the README promises, a file of
 the package, an exact piece of its source (the anchor: a line or two), what to put
 there instead, and the fast tests that should fail ("kill" it).  For each mutant
 this tool copies the tree to a scratch directory (never touching the tree it runs
@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_SET = Path(__file__).resolve().parent / "mutant_set.py"
+DEFAULT_SET = ROOT / "tests" / "mutants" / "mutant_set.py"
 # Files a mutant may change: the package's own modules, the engine and the FUSE layer and
 # command line above it (the access rules live there); never the tests.
 ENGINE = re.compile(r"^qcowfuse/[\w/]+\.py$")
