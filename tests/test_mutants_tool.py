@@ -1,4 +1,5 @@
-"""scripts/mutants.py itself (the full mutation run is not part of CI: see README)."""
+"""scripts/mutants.py itself (the full mutation run is not part of CI: see README), and
+docs/rules.md, which it generates from the mutant set."""
 
 from __future__ import annotations
 
@@ -70,3 +71,13 @@ def test_every_mutant_anchor_is_in_its_file_exactly_once():
         problems += [f"{m.name}: no test file {t}" for t in m.tests
                      if not (ROOT / t.split("::")[0]).is_file()]
     assert not problems, "\n".join(problems)
+
+
+def test_docs_rules_md_is_what_the_mutant_set_says():
+    """docs/rules.md is generated from the mutant set, so it cannot go stale: after a
+    change to tests/mutants/mutant_set.py run `scripts/mutants.py --rules > docs/rules.md`."""
+    r = run_tool("--rules")
+    assert r.returncode == 0, r.stdout + r.stderr
+    doc = ROOT / "docs" / "rules.md"
+    assert doc.is_file() and doc.read_text() == r.stdout, \
+        "docs/rules.md differs from the mutant set: run scripts/mutants.py --rules > docs/rules.md"
