@@ -20,7 +20,7 @@ from helpers.services import (SBIN_PATH, UNIT_QCOWFUSE, assert_live, cleanup, ho
                               wait_exit, wait_until, which)
 
 
-# -- mount(8), fstab, mount.fuse3 ---------------------------------------------
+# -- mount(8), fstab, mount.fuse3 ------------------------------------------------------
 #
 # mount(8) runs the helper /sbin/mount.fuse (-> mount.fuse3) with PATH removed
 # from the environment; mount.fuse3 runs `/bin/sh -c 'qcowfuse IMAGE MP -o OPTS'`,

@@ -27,7 +27,7 @@ from helpers.services import force_unmount, kill_holders, mount_entry, wait_exit
 NOBODY = 65534
 
 
-# -- without root -----------------------------------------------------------
+# -- without root ----------------------------------------------------------------------
 
 @contextlib.contextmanager
 def dev_fuse_mode(mode: int) -> Iterator[None]:

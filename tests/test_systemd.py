@@ -25,7 +25,7 @@ from helpers.services import (TIMEOUT, UNIT_QCOWFUSE, assert_live, cleanup, fore
 UNIT = Path(__file__).resolve().parent.parent / "systemd" / "qcowfuse@.service"
 
 
-# -- the unit file ----------------------------------------------------------
+# -- the unit file ---------------------------------------------------------------------
 
 def parse_unit(text: str) -> dict[tuple[str, str], list[str]]:
     out: dict[tuple[str, str], list[str]] = {}
@@ -106,7 +106,7 @@ def test_systemd_analyze_verify_would_see_mistakes(tmp_path, qcowfuse_bin):
     assert "on-failur" in r.stdout + r.stderr
 
 
-# -- the unit's commands, run as systemd would run them --------------------------
+# -- the unit's commands, run as systemd would run them --------------------------------
 
 def systemd_escape_path(path: Path) -> str:
     tool = which("systemd-escape")
@@ -231,7 +231,7 @@ def test_unit_lifecycle(tmp_path, qcowfuse_bin, notify, stop):
     qemu.qemu_io(img, "read -P 0x42 1M 64k", read_only=True)
 
 
-# -- sd_notify readiness -----------------------------------------------------
+# -- sd_notify readiness ---------------------------------------------------------------
 
 @pytest.mark.root
 def test_sd_notify_ready_then_stopping(tmp_path, qcowfuse_bin, notify):

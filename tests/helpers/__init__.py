@@ -10,4 +10,7 @@ conftest, no tests/__init__.py), which is what makes `helpers` importable.
 - powercut: the power-cut harness (recording layer, crash images, their judging)
 - checking: `qcowfuse check` against `qemu-img check`, and vmd's damage
 - ext4: loop devices and ext4 on them, judged on QEMU's reading
+- resize: a guest model for resize tests (Model), qemu-img info
+- services: qcowfuse as systemd / mount(8) / users run it (installed program,
+  sd_notify socket, mount table and image holders, cleanup)
 """

@@ -36,7 +36,7 @@ SEED = int(os.environ.get("QCOWFUSE_CRASH_SEED", "20240606"))
 SECTOR = 512
 
 
-# -- recording layer ------------------------------------------------------------------
+# -- recording layer -------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class Truncate:
@@ -160,6 +160,8 @@ def guest_raw(path: Path) -> bytes:
     raw.unlink()
     return data
 
+
+# -- crash images from a prefix of the log, judged by QEMU -----------------------------
 
 @dataclass
 class GuestWrite:
@@ -364,6 +366,8 @@ def judged_crash_images(w: Workload, cuts: list[int], rnd: random.Random, path: 
         yield JudgedCrash(k, mode, info, guest, crash_verdict(info, guest), flushed, at_cut, since)
 
 
+# -- every subset of every epoch's writes (cut_every_epoch) ----------------------------
+
 def _epochs(log: list) -> list[tuple[int, int]]:
     """(first, end) log index ranges of the pwrites between consecutive syncs."""
     out, start = [], 0
@@ -429,6 +433,8 @@ def cut_every_epoch(tmp: Path, initial: bytes, log: list, first: int, judge,
             apply_entry(synced, e)
     return failures, len(seen), len(epochs)
 
+
+# -- SIGKILL of a daemon while a client does I/O ---------------------------------------
 
 class Killer(threading.Thread):
     def __init__(self, pid: int, delay: float) -> None:

@@ -26,7 +26,7 @@ from helpers.procs import pid_alive, unescape_mount
 
 BIN_DIR = Path(sys.executable).parent
 QCOWFUSE_BIN = BIN_DIR / "qcowfuse"
-UNIT_QCOWFUSE = "/usr/local/bin/qcowfuse"  # the ExecStart= path in the shipped unit; scripts/install's
+UNIT_QCOWFUSE = "/usr/local/bin/qcowfuse"  # ExecStart= in the shipped unit; where scripts/install puts it
 SBIN_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 TIMEOUT = 20.0
 
