@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.root  # every test here mounts (see the markers in pyproject.toml)
+pytestmark = [pytest.mark.root, pytest.mark.slow]  # mounts; ~55 s (a whole --quick bench run)
 
 BENCH = Path(__file__).resolve().parent.parent / "scripts" / "bench.py"
 TOOLS = ("fio", "qemu-img", "qemu-storage-daemon", "qemu-nbd", "nbdfuse", "fusermount3", "losetup",

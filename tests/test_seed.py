@@ -15,7 +15,7 @@ import pytest
 from helpers import qemu
 from helpers.rawqcow2 import RefcountView
 
-pytestmark = pytest.mark.root  # every test here mounts (see the markers in pyproject.toml)
+pytestmark = [pytest.mark.root, pytest.mark.slow]  # mounts; ~40 s (4.5 GiB through a mount)
 
 GiB = 1 << 30
 MiB = 1 << 20
