@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Benchmark `qcowfuse check / check -r leaks / map / info` against the qemu-img commands
-of the same name (run as `scripts/bench --tools`).
+of the same name (run as `scripts/bench.py --tools`).
 
 Images, built once and kept in the cache directory (rebuilt if missing or unclean):
 
@@ -19,9 +19,9 @@ tool repairs its own freshly damaged image; the result is the clean image again)
 
 Targets: bar ratio <= 3.0 for every row (counted as `N passed, M failed`), goal <= 1.0.
 
-  scripts/bench --tools                      # full sizes; first run builds ~20 GiB of images
-  scripts/bench --tools --quick              # small images, 1 round (keeps the script working)
-  scripts/bench --tools --cache DIR --rounds 5
+  scripts/bench.py --tools                   # full sizes; first run builds ~20 GiB of images
+  scripts/bench.py --tools --quick           # small images, 1 round (keeps the script working)
+  scripts/bench.py --tools --cache DIR --rounds 5
 """
 
 from __future__ import annotations
@@ -252,7 +252,7 @@ def table(rows: list[Row]) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="scripts/bench --tools", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="scripts/bench.py --tools", description=__doc__.split("\n\n")[0])
     p.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "qcowfuse-bench-tools",
                    help="where the images are built once and kept (default: %(default)s)")
     p.add_argument("--rounds", type=int, default=3, help="rounds per command (default 3)")

@@ -19,14 +19,15 @@ from typing import Iterator
 
 import pytest
 
-import qemu
-from conftest import mounted, run_cli, scratch_dir, unmount
+from helpers import qemu
+from helpers.procs import mounted, run_cli, scratch_dir, unmount
 
 NOBODY = 65534
 GROUP = 4242  # a group nobody is otherwise in
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None,
-                                reason="needs root and setpriv to act as other users")
+pytestmark = [pytest.mark.root,
+              pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None,
+                                 reason="needs root and setpriv to act as other users")]
 
 
 @pytest.fixture

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-import qemu
-from cli_helpers import assert_refused
+from helpers import qemu
+from helpers.cli import assert_refused
 from qcowfuse import Image
-from workload import random_writes
+from helpers.workload import random_writes
 
 MiB = 1 << 20
 
@@ -36,6 +36,7 @@ def make_chain(tmp_path: Path) -> tuple[Path, list[Path]]:
     return d / "top.qcow2", [base, d / "mid.qcow2"]
 
 
+@pytest.mark.root
 def test_chain_reads_like_qemu_and_writes_leave_backing_alone(tmp_path, mount):
     top, lower = make_chain(tmp_path)
     hashes = [sha(p) for p in lower]
@@ -99,6 +100,7 @@ def test_backing_loop(tmp_path, depth):
     assert_refused([str(names[0]), str(tmp_path / "mp")], "loops", names[0], tmp_path / "mp")
 
 
+@pytest.mark.root
 def test_backing_files_are_opened_read_only_and_share_locked(tmp_path, mount):
     top, lower = make_chain(tmp_path)
     with mount(top, tmp_path / "raw"):

@@ -1,4 +1,4 @@
-"""scripts/bench keeps working: a --quick run completes, prints its table and closing
+"""scripts/bench.py keeps working: a --quick run completes, prints its table and closing
 line, and leaves no mount, loop device or work file behind."""
 
 from __future__ import annotations
@@ -14,7 +14,9 @@ from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parent.parent / "scripts" / "bench"
+pytestmark = [pytest.mark.root, pytest.mark.slow]  # mounts; ~55 s (a whole --quick bench run)
+
+BENCH = Path(__file__).resolve().parent.parent / "scripts" / "bench.py"
 TOOLS = ("fio", "qemu-img", "qemu-storage-daemon", "qemu-nbd", "nbdfuse", "fusermount3", "losetup",
          "mkfs.ext4")
 

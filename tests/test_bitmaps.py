@@ -17,9 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from cli_helpers import assert_one_line_error
-from conftest import _pid_alive, run_cli, unmount
-from qemu import assert_clean, check, create, qemu_io, run
+from helpers.cli import assert_one_line_error
+from helpers.procs import pid_alive, run_cli, unmount
+from helpers.qemu import assert_clean, check, create, dirty_ranges, qemu_io, run
+from helpers.rawqcow2 import RefcountView
 
 MiB = 1 << 20
 
@@ -28,20 +29,6 @@ def bitmap_flags(image: Path) -> dict[str, list[str]]:
     info = json.loads(run("qemu-img", "info", "-U", "--output=json", str(image)).stdout)
     bitmaps = info.get("format-specific", {}).get("data", {}).get("bitmaps", [])
     return {b["name"]: b["flags"] for b in bitmaps}
-
-
-def dirty_ranges(image: Path, name: str) -> list[tuple[int, int]]:
-    """What QEMU says bitmap `name` marks dirty: merged (start, end) ranges."""
-    r = run("nbdinfo", "--json", f"--map=qemu:dirty-bitmap:{name}", "--",
-            "[", "qemu-nbd", "-r", "-f", "qcow2", "-B", name, str(image), "]")
-    out: list[tuple[int, int]] = []
-    for e in json.loads(r.stdout):
-        if e["type"] & 1:
-            if out and out[-1][1] == e["offset"]:
-                out[-1] = (out[-1][0], e["offset"] + e["length"])
-            else:
-                out.append((e["offset"], e["offset"] + e["length"]))
-    return out
 
 
 def expected(ranges: list[tuple[int, int]], granularity: int, size: int) -> list[tuple[int, int]]:
@@ -111,7 +98,8 @@ def test_check_finds_a_leak_beside_bitmaps_and_repairs_only_it(tmp_path):
     host = next(e["offset"] for e in info if e["start"] == 64 * MiB)
     run("qemu-io", "-c", "close", str(img))
     assert check(img).get("leaks", 0) == 0
-    _bump_refcount(img, host // 65536)
+    view = RefcountView(img)
+    view.set_refcount(host // 65536, view.refcount(host // 65536) + 1)
     assert check(img)["leaks"] == 1
     r = run_cli("check", "--repair", "leaks", str(img))
     assert r.returncode == 0, r.stdout + r.stderr
@@ -119,19 +107,6 @@ def test_check_finds_a_leak_beside_bitmaps_and_repairs_only_it(tmp_path):
     assert set(bitmap_flags(img)) == {"b0", "b1", "off"}
     written = [(16 * MiB, 20 * MiB), (32 * MiB, 33 * MiB), (64 * MiB, 64 * MiB + 65536)]
     assert dirty_ranges(img, "b0") == expected(written, 65536, 256 * MiB)
-
-
-def _bump_refcount(img: Path, cluster: int) -> None:
-    """+1 on a 16-bit refcount, by hand (the refcount table's first block covers it)."""
-    with open(img, "r+b") as fh:
-        hdr = fh.read(64)
-        rt_off = struct.unpack_from(">Q", hdr, 48)[0]
-        fh.seek(rt_off)
-        block = struct.unpack(">Q", fh.read(8))[0]
-        fh.seek(block + 2 * cluster)
-        value = struct.unpack(">H", fh.read(2))[0]
-        fh.seek(block + 2 * cluster)
-        fh.write(struct.pack(">H", value + 1))
 
 
 # -- hostile bitmap directories -----------------------------------------------------------
@@ -166,6 +141,7 @@ HOSTILE = {
 }
 
 
+@pytest.mark.root
 @pytest.mark.parametrize("case", sorted(HOSTILE))
 def test_malformed_bitmaps_refused_and_never_repaired(tmp_path, case, mount):
     img = bitmap_image(tmp_path)
@@ -194,6 +170,7 @@ def test_malformed_bitmaps_refused_and_never_repaired(tmp_path, case, mount):
 WRITES = [(100 * MiB + 4096, 4096), (150 * MiB, 3 * MiB), (200 * MiB + 512, 512), (4 * MiB + 8192, 4096)]
 
 
+@pytest.mark.root
 def test_mount_writes_are_recorded_in_enabled_bitmaps(tmp_path, mount):
     img = bitmap_image(tmp_path)
     off_before = dirty_ranges(img, "off")
@@ -224,6 +201,7 @@ def test_mount_writes_are_recorded_in_enabled_bitmaps(tmp_path, mount):
     assert dirty_ranges(img, "off") == expected(old + new, 65536, 256 * MiB)
 
 
+@pytest.mark.root
 @pytest.mark.parametrize("granularity", [512, 65536, 2 * MiB])
 def test_bitmap_granularities_and_a_bitmap_added_later(tmp_path, mount, granularity):
     """Whole-cluster, sub-granule and cross-data-cluster writes, two mounts, and a bitmap
@@ -251,6 +229,7 @@ def test_bitmap_granularities_and_a_bitmap_added_later(tmp_path, mount, granular
     assert bitmap_flags(img) == {"a": ["auto"], "later": ["auto"]}
 
 
+@pytest.mark.root
 def test_read_only_mount_changes_nothing(tmp_path, mount):
     img = bitmap_image(tmp_path)
     before = sha(img)
@@ -261,6 +240,7 @@ def test_read_only_mount_changes_nothing(tmp_path, mount):
     assert sha(img) == before
 
 
+@pytest.mark.root
 def test_bitmap_in_use_at_open_is_left_alone(tmp_path, mount):
     """A writer died with the bitmaps loaded: QEMU treats them as inconsistent; so do we."""
     img = bitmap_image(tmp_path)
@@ -285,6 +265,7 @@ def test_bitmap_in_use_at_open_is_left_alone(tmp_path, mount):
     assert_one_line_error(r.returncode, r.stderr, "in use")
 
 
+@pytest.mark.root
 def test_sigkill_leaves_bitmaps_in_use_never_wrong(tmp_path, mount):
     img = bitmap_image(tmp_path)
     target = tmp_path / "r.raw"
@@ -294,7 +275,7 @@ def test_sigkill_leaves_bitmaps_in_use_never_wrong(tmp_path, mount):
             write_raw(raw, off, os.urandom(n))
         os.kill(pid, signal.SIGKILL)
         deadline = time.monotonic() + 10
-        while _pid_alive(pid) and time.monotonic() < deadline:
+        while pid_alive(pid) and time.monotonic() < deadline:
             time.sleep(0.05)
         unmount(target, None)
     info = check(img)
@@ -309,6 +290,7 @@ def test_sigkill_leaves_bitmaps_in_use_never_wrong(tmp_path, mount):
 
 # -- resizing: bitmaps follow the disk, as QEMU's do ------------------------------------------
 
+@pytest.mark.root
 def test_bitmaps_follow_grow_and_shrink_as_qemu_does(tmp_path, mount):
     """The same writes and resizes done by QEMU (qemu-io, qemu-img resize) on a copy give
     the same bitmaps: grown through a mount with truncate, shrunk and grown offline."""
@@ -348,6 +330,7 @@ def test_bitmaps_follow_grow_and_shrink_as_qemu_does(tmp_path, mount):
         assert dirty_ranges(ours, name) == dirty_ranges(theirs, name), name
 
 
+@pytest.mark.root
 def test_shrink_then_grow_in_one_mount_keeps_later_writes_and_frees_cut_data(tmp_path, mount):
     """A shrink drops the bitmap data clusters past the new end; growing again in the same
     mount and writing there must record the write (not keep the dropped cluster because its
@@ -368,6 +351,7 @@ def test_shrink_then_grow_in_one_mount_keeps_later_writes_and_frees_cut_data(tmp
     assert dirty_ranges(img, "b") == [(60 * MiB, 60 * MiB + 512)]  # 50M was cut off: clean
 
 
+@pytest.mark.root
 def test_truncate_to_zero_refused_while_bitmaps_exist(tmp_path, mount):
     """A bitmap of a 0-byte disk would need an empty table, which QEMU refuses to open
     (bitmap_table_size 0): the truncate is refused and the image stays QEMU's."""

@@ -12,47 +12,17 @@ from pathlib import Path
 
 import pytest
 
-import qemu
-from conftest import run_cli
-from rawqcow2 import RefcountView
+from helpers import qemu
+from helpers.checking import assert_same_counts, qcowfuse_check, vmd_damaged
+from helpers.procs import run_cli
+from helpers.rawqcow2 import RefcountView
 
 MiB = 1 << 20
-
-
-def qcowfuse_check(img: Path, *args: str) -> tuple[int, dict]:
-    r = run_cli("check", "--output=json", *args, str(img))
-    assert "Traceback" not in r.stderr, r.stderr
-    return r.returncode, json.loads(r.stdout)
 
 
 def qemu_error_clusters(img: Path) -> set[int]:
     r = subprocess.run(["qemu-img", "check", str(img)], capture_output=True, text=True)
     return {int(n) for n in re.findall(r"ERROR cluster (\d+) refcount=0 reference=1", r.stdout + r.stderr)}
-
-
-def assert_same_counts(img: Path) -> dict:
-    ours_rc, ours = qcowfuse_check(img)
-    theirs = qemu.check(img)
-    keys = ("corruptions", "leaks", "check-errors", "allocated-clusters", "total-clusters",
-            "fragmented-clusters", "compressed-clusters", "image-end-offset")
-    assert {k: ours.get(k, 0) for k in keys} == {k: theirs.get(k, 0) for k in keys}
-    assert ours_rc == theirs["rc"]
-    return ours
-
-
-def vmd_damaged(path: Path, data_mib: int = 40) -> list[int]:
-    """An image QEMU wrote whose file crosses several refcount-block boundaries (4 KiB
-    clusters: one block covers 8 MiB of file), with the refcount of every block after
-    the first zeroed: what OpenBSD vmd's writer left behind.  Returns those clusters."""
-    qemu.create(path, 64 * MiB, cluster_size=4096)
-    cmds = [f"write -P {i % 200 + 1} {i * MiB} 1M" for i in range(data_mib)]
-    qemu.qemu_io(path, *cmds)
-    view = RefcountView(path)
-    damaged = view.refblock_clusters()[1:]
-    assert len(damaged) >= 4
-    for c in damaged:
-        view.set_refcount(c, 0)
-    return damaged
 
 
 def verify_patterns(path: Path, data_mib: int = 40) -> None:
@@ -74,6 +44,7 @@ def test_vmd_damage_found_like_qemu_and_repaired(tmp_path):
     verify_patterns(img)
 
 
+@pytest.mark.root
 def test_rw_mount_heals_vmd_damage_before_allocating(tmp_path, mount):
     img = tmp_path / "vmd.qcow2"
     vmd_damaged(img)
@@ -260,6 +231,7 @@ def test_check_text_output_like_qemu(tmp_path):
     assert f"{len(errors)} errors were found on the image." in ours
 
 
+@pytest.mark.root
 def test_repair_all_clears_the_corrupt_bit(tmp_path, mount):
     """An image marked corrupt (by a writer that met bad metadata) whose refcounts are
     fine: `check --repair all` clears the bit, and the image mounts read-write again."""
@@ -295,6 +267,7 @@ def test_check_reports_unaligned_tables_like_qemu(tmp_path):
     assert theirs.returncode == 2 and "Table is not cluster aligned" in theirs.stdout + theirs.stderr
 
 
+@pytest.mark.root
 def test_info_takes_no_locks(tmp_path, mount):
     """info works on an image a read-write mount holds locked (like qemu-img info -U)."""
     img = qemu.create(tmp_path / "l.qcow2", 4 * MiB)

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-import qemu
-from cli_helpers import assert_refused
-from conftest import run_cli
+from helpers import qemu
+from helpers.cli import assert_refused
+from helpers.procs import run_cli
 
 
 def patch(path: Path, offset: int, fmt: str, *values) -> Path:
@@ -131,6 +131,7 @@ def test_header_extension_overrunning_the_cluster(tmp_path, image):
     assert_refused([str(image), str(tmp_path / "mp")], "overruns the first cluster", image)
 
 
+@pytest.mark.root
 def test_corrupt_bit_refuses_rw_allows_ro(tmp_path, image, mount):
     patch(image, 72, ">Q", 1 << 1)
     assert_refused([str(image), str(tmp_path / "mp")], "corrupt", image)
@@ -144,6 +145,7 @@ def test_bad_mountpoint(tmp_path, image):
     assert_refused([str(image), str(image)], "image itself", image)
 
 
+@pytest.mark.root
 def test_already_mounted(tmp_path, image, mount):
     other = qemu.create(tmp_path / "other.qcow2", 1 << 20)
     mp = tmp_path / "mp"
@@ -155,11 +157,13 @@ def test_unknown_option(tmp_path, image):
     assert_refused(["-o", "ro,frobnicate", str(image), str(tmp_path / "mp")], "unknown mount option", image)
 
 
+@pytest.mark.root
 def test_generic_mount_options_are_ignored(tmp_path, image, mount):
     with mount(image, tmp_path / "mp", "-o", "defaults,noatime,nodev,nosuid,ro") as (raw, _):
         assert raw.stat().st_size == 16 << 20
 
 
+@pytest.mark.root
 def test_cache_size_options(tmp_path, image, mount):
     with mount(image, tmp_path / "mp", "-o", "l2-cache-size=1M,refcount-cache-size=256k") as (raw, _):
         raw.write_bytes(b"\x17" * (16 << 20))
@@ -173,8 +177,8 @@ def test_output_that_cannot_be_written(tmp_path, cmd):
     nothing for the closed pipe, a non-zero exit, never a traceback."""
     import subprocess
 
-    from cli_helpers import assert_one_line_error
-    from conftest import QCOWFUSE
+    from helpers.cli import assert_one_line_error
+    from helpers.procs import QCOWFUSE
 
     img = qemu.create(tmp_path / "o.qcow2", 64 << 20, 512)
     qemu.qemu_io(img, *[f"write -P 1 {i}k 512" for i in range(0, 2000, 2)])  # a 200 KiB map

@@ -26,180 +26,35 @@ fine), and guest content is read with `qemu-img convert`, never with our reader.
    including when the full disk hits the grown refcount table.
 
 Seeds are fixed (override with QCOWFUSE_CRASH_SEED); failure messages name the
-seed, geometry, cut point and crash mode needed to replay them.
+seed, geometry, cut point and crash mode needed to replay them.  The harness
+(recording layer, crash images, judging) is helpers/powercut.py.
 """
 
 from __future__ import annotations
 
-import bisect
 import errno
-import hashlib
 import os
 import random
-import signal
 import struct
 import subprocess
-import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-import qemu
-from conftest import _pid_alive
+from helpers import qemu
+from helpers.checking import vmd_damaged
+from helpers.powercut import (SECTOR, SEED, GuestWrite, Killer, RecordingFile, Workload, after_kill,
+                              assert_killed, check_not_corrupt, check_summary, cut_every_epoch,
+                              guest_raw, judged_crash_images, pick_cuts, verify_guest)
+from helpers.procs import pid_alive
 from qcowfuse import Image
 from qcowfuse.hostfile import HostFile
 from qcowfuse.qcow2.check import Checker
 
-SEED = int(os.environ.get("QCOWFUSE_CRASH_SEED", "20240606"))
-SECTOR = 512
-
-
-# -- recording layer ------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Truncate:
-    """Log entry of a HostFile.truncate: the file is cut to `size` bytes."""
-    size: int
-
-
-class RecordingFile:
-    """HostFile substitute: forwards everything, logs each pwrite as (offset, bytes),
-    each truncate as a Truncate and each sync as None, in the order the engine issued
-    them.  Methods are listed one by
-    one on purpose: a new HostFile method must be added here, or the engine fails with
-    AttributeError, rather than change the file behind the log's back."""
-
-    def __init__(self, inner: HostFile) -> None:
-        self.inner = inner
-        self.log: list[tuple[int, bytes] | Truncate | None] = []
-        self.unsynced = False
-
-    @property
-    def fd(self) -> int:
-        return self.inner.fd
-
-    @property
-    def path(self) -> str:
-        return self.inner.path
-
-    def size(self) -> int:
-        return self.inner.size()
-
-    def end(self) -> int:
-        return self.inner.end()
-
-    def pread(self, offset: int, length: int) -> bytes:
-        return self.inner.pread(offset, length)
-
-    def pread_upto(self, offset: int, length: int) -> bytes:
-        return self.inner.pread_upto(offset, length)
-
-    def pread_into(self, offset: int, buf: memoryview) -> None:
-        self.inner.pread_into(offset, buf)
-
-    def pwrite(self, offset: int, data) -> None:
-        self.log.append((offset, bytes(data)))
-        self.unsynced = True
-        self.inner.pwrite(offset, data)
-
-    def extend_to(self, size: int) -> None:
-        """Logged as an empty write at the new end: replaying it only grows the file."""
-        if self.inner.end() < size:
-            self.log.append((size, b""))
-            self.unsynced = True
-        self.inner.extend_to(size)
-
-    def truncate(self, size: int) -> None:
-        self.log.append(Truncate(size))
-        self.unsynced = True
-        self.inner.truncate(size)
-
-    def punch_hole(self, offset: int, length: int) -> None:
-        """Logged as a write of zeros (clipped at the end of the file: the size stays)."""
-        n = max(0, min(length, self.inner.size() - offset))
-        if n:
-            self.log.append((offset, bytes(n)))
-        self.unsynced = True
-        self.inner.punch_hole(offset, length)
-
-    def sync(self) -> None:
-        self.inner.sync()
-        self.log.append(None)
-        self.unsynced = False
-
-    def close(self) -> None:
-        self.inner.close()
-
-
-def _put(buf: bytearray, off: int, data: bytes) -> None:
-    end = off + len(data)
-    if end > len(buf):
-        buf.extend(bytes(end - len(buf)))
-    buf[off:end] = data
-
-
-def _apply(buf: bytearray, e: tuple[int, bytes] | Truncate) -> None:
-    """One log entry (not a sync) onto a crash image."""
-    if isinstance(e, Truncate):
-        del buf[e.size:]
-        buf.extend(bytes(e.size - len(buf)))
-    else:
-        _put(buf, *e)
-
-
-def _check_not_corrupt(path: Path) -> dict:
-    info = qemu.check(path)
-    bad = info.get("corruptions", 0) or info.get("check-errors", 0) or info["rc"] not in (0, 3)
-    assert not bad, f"qemu-img check of {path}: {_check_summary(info)}"
-    return info
-
-
-def _check_summary(info: dict) -> str:
-    """qemu-img check's verdict without its (possibly thousands of) leak lines."""
-    lines = [l for l in info["text"].splitlines() if not l.startswith("Leaked cluster")]
-    counts = {k: info.get(k, 0) for k in ("corruptions", "leaks", "check-errors")}
-    return f"rc={info['rc']} {counts}; " + "; ".join(l.strip() for l in lines
-                                                    if "ERROR" in l or "Warning" in l)[:2000]
-
-
-def _crash_verdict(info: dict, guest: bytes | None) -> str | None:
-    """Why a crash image judged by _judge_crash_image is bad (corrupt, uncheckable or
-    unreadable to QEMU), or None: leaks are fine."""
-    if info.get("corruptions", 0) or info.get("check-errors", 0) or info["rc"] not in (0, 3) \
-            or guest is None:
-        return f"qemu-img check: {_check_summary(info)}"
-    return None
-
-
-def _guest_raw(path: Path) -> bytes:
-    raw = path.with_suffix(".raw")
-    qemu.convert_to_raw(path, raw)
-    data = raw.read_bytes()
-    raw.unlink()
-    return data
-
 
 # -- part 1: power loss at engine level ------------------------------------------------
-
-@dataclass
-class GuestWrite:
-    start: int  # log length when the write call began
-    off: int
-    data: bytes
-
-
-@dataclass
-class Workload:
-    initial: bytes  # host image before the workload
-    guest0: bytes  # guest content before the workload
-    log: list
-    writes: list[GuestWrite] = field(default_factory=list)
-    flushes: list[tuple[int, int]] = field(default_factory=list)  # (log length at return, writes so far)
-    grew_table: int = 0
-    refblocks: int = 0
-
 
 def _prefill(path: Path, cs: int, rb: int, compat: str) -> None:
     """Give the workload something to free: compressed and zero-allocated clusters, and
@@ -217,7 +72,7 @@ def _prefill(path: Path, cs: int, rb: int, compat: str) -> None:
 def _run_workload(path: Path, cs: int, size: int, rnd: random.Random, n_ops: int,
                   detect_zeroes: str = "off", backing: Path | None = None, **cache) -> Workload:
     initial = path.read_bytes()
-    guest = bytearray(_guest_raw(path))
+    guest = bytearray(guest_raw(path))
     rec = RecordingFile(HostFile.open(str(path), True))
     base = Image.open(str(backing), lock=False) if backing else None
     img = Image.open_file(rec, writable=True, backing=base, detect_zeroes=detect_zeroes, **cache)
@@ -277,193 +132,8 @@ def _run_workload(path: Path, cs: int, size: int, rnd: random.Random, n_ops: int
         img.close()
     # the uncrashed end result is exact and clean
     qemu.assert_clean(path)
-    assert _guest_raw(path) == bytes(guest), "final image differs from the model"
+    assert guest_raw(path) == bytes(guest), "final image differs from the model"
     return w
-
-
-def _pick_cuts(log: list, rnd: random.Random, n: int) -> list[int]:
-    """Cut k: log entries [0, k) happened.  Always around each header write (the
-    refcount table moving) and each truncate; then favour the moments just before a sync (a whole
-    epoch of writes in flight) and just after one, plus uniform picks."""
-    syncs = [i for i, e in enumerate(log) if e is None]
-    cuts = set()
-    for i, e in enumerate(log):
-        if isinstance(e, Truncate) or e is not None and e[0] < SECTOR:
-            cuts.update(k for k in range(i - 2, i + 3) if 0 <= k <= len(log))
-    while len(cuts) < min(n, len(log) + 1):
-        r = rnd.random()
-        if r < 0.4 and syncs:
-            cuts.add(rnd.choice(syncs))
-        elif r < 0.55 and syncs:
-            cuts.add(rnd.choice(syncs) + 1)
-        else:
-            cuts.add(rnd.randint(0, len(log)))
-    return sorted(cuts)
-
-
-def _verify_guest(got: bytes, flushed: bytearray, at_cut: bytearray,
-                  since: list[GuestWrite]) -> str | None:
-    """None if every byte equals its flushed value or a value written since; else why not."""
-    if len(got) != len(flushed):
-        return f"guest size {len(got)} != {len(flushed)}"
-
-    def check(lo: int, hi: int, cands: list[GuestWrite]) -> str | None:
-        g = got[lo:hi]
-        if g == flushed[lo:hi] or g == at_cut[lo:hi]:
-            return None
-        cands = [w for w in cands if w.off < hi and w.off + len(w.data) > lo]
-        if any(w.off <= lo and hi <= w.off + len(w.data) and g == w.data[lo - w.off:hi - w.off]
-               for w in cands):
-            return None
-        if hi - lo > 64:
-            step = -(-(hi - lo) // 8)
-            for sub in range(lo, hi, step):
-                why = check(sub, min(hi, sub + step), cands)
-                if why:
-                    return why
-            return None
-        for i in range(lo, hi):
-            if got[i] == flushed[i]:
-                continue
-            covering = [w for w in cands if w.off <= i < w.off + len(w.data)]
-            if not any(w.data[i - w.off] == got[i] for w in covering):
-                return (f"guest byte {i:#x} reads {got[i]:#04x}, flushed value {flushed[i]:#04x}; "
-                        + (f"{len(covering)} later write(s) cover it, none with that value"
-                           if covering else "no write since the last flush covers it"))
-        return None
-
-    for pos in range(0, len(got), 1 << 16):
-        why = check(pos, min(len(got), pos + (1 << 16)), since)
-        if why:
-            return why
-    return None
-
-
-def _judge_crash_image(path: Path) -> tuple[dict, bytes | None]:
-    """qemu-img check and qemu-img convert of one image, run side by side."""
-    raw = path.with_suffix(".raw")
-    conv = subprocess.Popen(["qemu-img", "convert", "-O", "raw", str(path), str(raw)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    info = qemu.check(path)
-    out = conv.communicate()[0]
-    data = raw.read_bytes() if conv.returncode == 0 else None
-    if data is None:
-        info["text"] += "\nqemu-img convert: " + out.decode(errors="replace")
-    raw.unlink(missing_ok=True)
-    return info, data
-
-
-def _sectors(off: int, data: bytes):
-    """(sector number, piece offset, piece) for each 512-byte sector a write touches."""
-    pos, end = off, off + len(data)
-    while pos < end:
-        nxt = min(end, (pos // SECTOR + 1) * SECTOR)
-        yield pos // SECTOR, pos, data[pos - off:nxt - off]
-        pos = nxt
-
-
-# How the writes issued since the last completed sync reach the disk:
-#   subset: a random subset of whole pwrites, in random order (the disk may drop and
-#           reorder any unsynced write: no ordering at all inside an epoch)
-#   torn:   the same at 512-byte sector granularity (pwrites may be torn)
-#   sector: each sector independently holds the page-cache state after a random
-#           prefix of the writes that touched it (writeback at any moment, sector
-#           atomic disk): the weakest assumption a real host gives
-#   all / none: everything, or nothing, since the last sync
-# A truncate since the last sync is kept or not, as a whole, like a pwrite of "subset"
-# (at a random place among the other pieces in every mode but all / none).
-CRASH_MODES = ["subset", "torn", "sector", "all", "none"]
-CRASH_MODE_WEIGHTS = [4, 2, 3, 1, 1]
-
-
-def _disk_state(pending: list, mode: str, rnd: random.Random) -> list:
-    """The pieces of `pending` (unsynced writes and truncates, in program order) that
-    reached the disk, in the order to apply them."""
-    if mode == "all":
-        return pending
-    if mode == "none":
-        return []
-    cuts = [e for e in pending if isinstance(e, Truncate)]
-    if cuts:
-        out = _disk_state([e for e in pending if not isinstance(e, Truncate)], mode, rnd)
-        for e in cuts:
-            if rnd.random() < 0.5:
-                out.insert(rnd.randint(0, len(out)), e)
-        return out
-    if mode == "sector":
-        count: dict[int, int] = {}
-        for off, data in pending:
-            for s, _, _ in _sectors(off, data):
-                count[s] = count.get(s, 0) + 1
-        prefix = {s: rnd.choice([0, n, rnd.randint(0, n)]) for s, n in count.items()}
-        seen: dict[int, int] = {}
-        out = []
-        for off, data in pending:
-            for s, pos, piece in _sectors(off, data):
-                seen[s] = seen.get(s, 0) + 1
-                if seen[s] <= prefix[s]:
-                    out.append((pos, piece))
-        return out
-    if mode == "torn":
-        pending = [(pos, piece) for off, data in pending for _, pos, piece in _sectors(off, data)]
-    keep = rnd.random()
-    out = [e for e in pending if rnd.random() < keep]
-    rnd.shuffle(out)
-    return out
-
-
-def _crash_images(w: Workload, cuts: list[int], rnd: random.Random):
-    """Yield (cut, mode, host image bytes, flushed guest, guest at cut, writes since flush)."""
-    synced = bytearray(w.initial)
-    applied = 0  # log entries [0, applied) are in `synced`
-    flushed = bytearray(w.guest0)
-    n_flushed = 0  # guest writes in `flushed`
-    syncs = [i for i, e in enumerate(w.log) if e is None]
-    for k in cuts:
-        n_syncs = bisect.bisect_left(syncs, k)  # syncs before the cut
-        last_sync = syncs[n_syncs - 1] if n_syncs else -1
-        for e in w.log[applied:last_sync + 1]:
-            if e is not None:
-                _apply(synced, e)
-        applied = max(applied, last_sync + 1)
-        # the last Image.flush() that returned before the cut
-        done = max((n for end, n in w.flushes if end <= k), default=0)
-        for gw in w.writes[n_flushed:done]:
-            flushed[gw.off:gw.off + len(gw.data)] = gw.data
-        n_flushed = max(n_flushed, done)
-        since = [gw for gw in w.writes[n_flushed:] if gw.start < k]
-        at_cut = bytearray(flushed)
-        for gw in since:
-            at_cut[gw.off:gw.off + len(gw.data)] = gw.data
-        pending = w.log[last_sync + 1:k]
-        assert None not in pending
-        mode = rnd.choices(CRASH_MODES, CRASH_MODE_WEIGHTS)[0]
-        pending = _disk_state(pending, mode, rnd)
-        crash = bytearray(synced)
-        for e in pending:
-            _apply(crash, e)
-        yield k, mode, crash, flushed, at_cut, since
-
-
-@dataclass
-class JudgedCrash:
-    """One crash image of _crash_images, written to a file and judged by QEMU."""
-    cut: int
-    mode: str
-    info: dict  # qemu-img check --output=json, its exit code under "rc"
-    guest: bytes | None  # qemu-img convert -O raw of it; None if that failed
-    bad: str | None  # _crash_verdict: corrupt, uncheckable or unreadable (leaks are fine)
-    flushed: bytearray  # the guest as of the last flush before the cut
-    at_cut: bytearray  # ... with every write begun before the cut
-    since: list  # those writes since the flush
-
-
-def _judged_crash_images(w: Workload, cuts: list[int], rnd: random.Random, path: Path):
-    """Each crash image of _crash_images at `path`, judged (one at a time, same file)."""
-    for k, mode, crash, flushed, at_cut, since in _crash_images(w, cuts, rnd):
-        path.write_bytes(crash)
-        info, guest = _judge_crash_image(path)
-        yield JudgedCrash(k, mode, info, guest, _crash_verdict(info, guest), flushed, at_cut, since)
 
 
 # (cluster size, refcount bits, compat, virtual size, operations, cut points, variant)
@@ -503,10 +173,10 @@ def test_power_loss_at_any_point(tmp_path, cs, rb, compat, size, n_ops, n_cuts, 
     w = _run_workload(path, cs, size, rnd, n_ops,
                       detect_zeroes=variant if variant in ("on", "unmap") else "off", backing=backing,
                       **cache)
-    cuts = _pick_cuts(w.log, rnd, n_cuts)
+    cuts = pick_cuts(w.log, rnd, n_cuts)
     crash_path = tmp_path / "crash.qcow2"
     failures, leaky, modes, failed_modes = [], 0, {}, {}
-    for c in _judged_crash_images(w, cuts, rnd, crash_path):
+    for c in judged_crash_images(w, cuts, rnd, crash_path):
         where = f"seed={seed} geometry=({cs}, {rb}, {compat}, {variant!r}) cut={c.cut}/{len(w.log)} mode={c.mode}"
         modes[c.mode] = modes.get(c.mode, 0) + 1
         if c.bad:
@@ -515,7 +185,7 @@ def test_power_loss_at_any_point(tmp_path, cs, rb, compat, size, n_ops, n_cuts, 
             crash_path.rename(tmp_path / f"corrupt-cut{c.cut}.qcow2")
             continue
         leaky += c.info["rc"] == 3
-        why = _verify_guest(c.guest, c.flushed, c.at_cut, c.since)
+        why = verify_guest(c.guest, c.flushed, c.at_cut, c.since)
         if why:
             failures.append(f"{where}: {why}")
             failed_modes[c.mode] = failed_modes.get(c.mode, 0) + 1
@@ -555,8 +225,8 @@ def test_harness_catches_missing_barriers(tmp_path):
     cuts = [i for i, e in enumerate(w.log) if e is None]  # just before each barrier
     caught = 0
     crash_path = tmp_path / "crash.qcow2"
-    for c in _judged_crash_images(w, cuts, rnd, crash_path):
-        caught += bool(c.bad or _verify_guest(c.guest, c.flushed, c.at_cut, c.since))
+    for c in judged_crash_images(w, cuts, rnd, crash_path):
+        caught += bool(c.bad or verify_guest(c.guest, c.flushed, c.at_cut, c.since))
     print(f"\nharness self-check: {caught} of {len(cuts)} crash images of a barrier-less engine caught")
     assert caught, "the harness did not notice an engine without write barriers"
 
@@ -572,28 +242,6 @@ def test_harness_catches_missing_barriers(tmp_path):
 # subsets) is put on top of what the earlier syncs made durable.  Each such crash image
 # must pass qemu-img check (leaks allowed) and read, through qemu-img convert, every
 # byte as it was before the writes or as the writes made it.
-
-def _epochs(log: list) -> list[tuple[int, int]]:
-    """(first, end) log index ranges of the pwrites between consecutive syncs."""
-    out, start = [], 0
-    for i, e in enumerate(log + [None]):
-        if e is None:
-            if i > start:
-                out.append((start, i))
-            start = i + 1
-    return out
-
-
-def _subsets(n: int, rnd: random.Random, limit: int = 40) -> list[tuple[int, ...]]:
-    if (1 << n) - 1 <= 4 * limit:  # every subset (up to 7 writes at the default limit)
-        return [tuple(i for i in range(n) if mask >> i & 1) for mask in range(1, 1 << n)]
-    picks = {tuple(range(k)) for k in range(1, n + 1)}  # prefixes: a cut anywhere, in order
-    picks |= {(i,) for i in range(n)}
-    picks |= {tuple(j for j in range(n) if j != i) for i in range(n)}
-    while len(picks) < limit + 3 * n:
-        picks.add(tuple(i for i in range(n) if rnd.random() < 0.5) or (0,))
-    return sorted(picks)
-
 
 @dataclass
 class Scenario:
@@ -693,47 +341,6 @@ def _scenario(name: str, tmp: Path) -> Scenario:
     raise ValueError(name)
 
 
-def _cut_every_epoch(tmp: Path, initial: bytes, log: list, first: int, judge,
-                     max_corruptions: int = 0, limit: int = 40) -> tuple[list[str], int, int]:
-    """Build the crash images of every epoch of log[first:] (see above) and judge each:
-    qemu-img check may find leaks and at most `max_corruptions` corruptions, and
-    judge(path, check info, guest bytes) returns None or why the image is bad.
-    Returns (failures, distinct images, epochs)."""
-    rnd = random.Random(SEED)
-    synced = bytearray(initial)
-    for e in log[:first]:
-        if e is not None:
-            _apply(synced, e)
-    seen: set[bytes] = set()
-    failures = []
-    crash_path = tmp / "crash.qcow2"
-    epochs = [(max(a, first), b) for a, b in _epochs(log) if b > first]
-    for a, b in epochs:
-        pending = log[a:b]
-        for subset in _subsets(len(pending), rnd, limit):
-            crash = bytearray(synced)
-            for i in subset:
-                _apply(crash, pending[i])
-            digest = hashlib.sha256(crash).digest()
-            if digest in seen:
-                continue
-            seen.add(digest)
-            crash_path.write_bytes(crash)
-            where = f"epoch log[{a}:{b}] kept writes {subset} of {len(pending)}"
-            info, got = _judge_crash_image(crash_path)
-            if info.get("corruptions", 0) > max_corruptions or info.get("check-errors", 0) \
-                    or info["rc"] not in (0, 2, 3) or (info["rc"] == 2 and not max_corruptions) \
-                    or got is None:
-                failures.append(f"{where}: qemu-img check: {_check_summary(info)}")
-                continue
-            why = judge(crash_path, info, got)
-            if why:
-                failures.append(f"{where}: {why}")
-        for e in pending:
-            _apply(synced, e)
-    return failures, len(seen), len(epochs)
-
-
 FLUSH_STEP_SCENARIOS = ["fresh", "inplace", "zero-alloc-reuse", "cow-backing", "compressed",
                         "snapshot", "unmap", "on", "v2", "extl2", "refblock-own",
                         "refblock-other", "refblock-pair", "reftable-grow",
@@ -747,7 +354,7 @@ def test_power_cut_inside_every_flush_step(tmp_path, name):
     if sc.snapshot:
         snap_before = _snapshot_raw(sc.path, sc.snapshot)
     initial = sc.path.read_bytes()
-    guest0 = _guest_raw(sc.path)
+    guest0 = guest_raw(sc.path)
     rec = RecordingFile(HostFile.open(str(sc.path), True))
     base = Image.open(str(sc.backing), lock=False) if sc.backing else None
     img = Image.open_file(rec, writable=True, backing=base, detect_zeroes=sc.detect_zeroes)
@@ -771,15 +378,15 @@ def test_power_cut_inside_every_flush_step(tmp_path, name):
     if name.startswith("reftable-grow"):
         assert grew, "the refcount table did not grow"
     qemu.assert_clean(sc.path)
-    assert _guest_raw(sc.path) == bytes(model), "flushed image differs from the model"
+    assert guest_raw(sc.path) == bytes(model), "flushed image differs from the model"
 
     def judge(crash_path: Path, info: dict, got: bytes) -> str | None:
-        why = _verify_guest(got, bytearray(guest0), model, writes)
+        why = verify_guest(got, bytearray(guest0), model, writes)
         if why is None and snap_before is not None and _snapshot_raw(crash_path, sc.snapshot) != snap_before:
             why = f"snapshot {sc.snapshot} changed"
         return why
 
-    failures, n_images, epochs = _cut_every_epoch(tmp_path, initial, rec.log, first, judge)
+    failures, n_images, epochs = cut_every_epoch(tmp_path, initial, rec.log, first, judge)
     print(f"\nflush steps {name}: log {len(rec.log) - first} entries, {epochs} epochs, "
           f"{n_images} distinct crash images, {len(failures)} bad")
     assert not failures, f"{name}: {len(failures)} crash images bad:\n" + "\n".join(failures[:6])
@@ -789,14 +396,12 @@ def test_power_cut_during_repair(tmp_path):
     """`check --repair all` of vmd's damage, cut at every step: the old refcount
     structures stay in charge until the header switches to complete new ones, so a
     crash image is never worse than the damaged image was, and no guest byte changes."""
-    from test_check import vmd_damaged
-
     path = tmp_path / "vmd.qcow2"
     vmd_damaged(path, data_mib=40)
     before = qemu.check(path)
     assert before["rc"] == 2 and before["corruptions"] >= 4
     initial = path.read_bytes()
-    guest = _guest_raw(path)
+    guest = guest_raw(path)
     rec = RecordingFile(HostFile.open(str(path), True))
     img = Image.open_file(rec, writable=True, repair=True)
     try:
@@ -805,12 +410,12 @@ def test_power_cut_during_repair(tmp_path):
         img.close()
     assert report.rebuilt and report.corruptions == 0
     qemu.assert_clean(path)
-    assert _guest_raw(path) == guest
+    assert guest_raw(path) == guest
 
     def judge(_path: Path, info: dict, got: bytes) -> str | None:
         return None if got == guest else "guest content changed"
 
-    failures, n_images, epochs = _cut_every_epoch(tmp_path, initial, rec.log, 0, judge,
+    failures, n_images, epochs = cut_every_epoch(tmp_path, initial, rec.log, 0, judge,
                                                   max_corruptions=before["corruptions"], limit=4)
     print(f"\nrepair cut: log {len(rec.log)} entries, {epochs} epochs, {n_images} crash images, "
           f"{len(failures)} bad")
@@ -834,39 +439,7 @@ def _block_data(seq: int, block: int) -> bytes:
     return struct.pack(">QQ", seq, block) * (BLOCK // 16)
 
 
-class _Killer(threading.Thread):
-    def __init__(self, pid: int, delay: float) -> None:
-        super().__init__(daemon=True)
-        self.pid, self.delay = pid, delay
-        self.cancel = threading.Event()
-        self.killed_at: float | None = None
-
-    def run(self) -> None:
-        if not self.cancel.wait(self.delay):
-            os.kill(self.pid, signal.SIGKILL)
-            self.killed_at = time.monotonic()
-
-
-def _after_kill(killer: "_Killer | None", fd: int) -> None:
-    """Stop the killer thread and drop the client's fd (gone either way once killed)."""
-    if killer is not None:
-        killer.cancel.set()
-        killer.join()
-    try:
-        os.close(fd)  # FUSE_FLUSH fails once the daemon is killed
-    except OSError:
-        pass
-
-
-def _assert_killed(killer: "_Killer", pid: int, where: str) -> None:
-    """The kill happened (not an I/O failure first) and the daemon is gone."""
-    assert killer.killed_at is not None, f"{where}: I/O failed before the kill"
-    deadline = time.monotonic() + 10
-    while _pid_alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert not _pid_alive(pid), f"{where}: daemon {pid} survived SIGKILL"
-
-
+@pytest.mark.root
 def test_sigkill_daemon_loses_nothing_fsynced(tmp_path, mount):
     rnd = random.Random(SEED + 2)
     rounds = 10
@@ -879,7 +452,7 @@ def test_sigkill_daemon_loses_nothing_fsynced(tmp_path, mount):
         img = qemu.create(tmp_path / f"k{rnd_no}.qcow2", size, cs, rb)
         if rnd_no % 2:  # some data to overwrite in place, around it fresh allocations
             qemu.qemu_io(img, "write -P 0x5a 0 3M", "write -P 0x6b 9M 2M")
-        initial = _guest_raw(img)
+        initial = guest_raw(img)
         durable: dict[int, bytes] = {}  # block -> content as of the last successful fsync
         since: dict[int, list[bytes]] = {}  # block -> contents written (or tried) since
         where = f"seed={SEED + 2} round={rnd_no} cluster_size={cs} refcount_bits={rb}"
@@ -887,7 +460,7 @@ def test_sigkill_daemon_loses_nothing_fsynced(tmp_path, mount):
         delay = rnd.uniform(0.05, 0.9)
         with mount(img, tmp_path / f"raw{rnd_no}") as (raw, pid):
             fd = os.open(raw, os.O_RDWR)
-            killer = _Killer(pid, delay)
+            killer = Killer(pid, delay)
             try:
                 killer.start()
                 deadline = time.monotonic() + 30
@@ -920,10 +493,10 @@ def test_sigkill_daemon_loses_nothing_fsynced(tmp_path, mount):
                 else:
                     raise AssertionError(f"{where}: the daemon was never killed")
             finally:
-                _after_kill(killer, fd)
-            _assert_killed(killer, pid, where)
-        _check_not_corrupt(img)
-        got = _guest_raw(img)
+                after_kill(killer, fd)
+            assert_killed(killer, pid, where)
+        check_not_corrupt(img)
+        got = guest_raw(img)
         for b in range(nblocks):
             blk = got[b * BLOCK:(b + 1) * BLOCK]
             if b in durable and b not in since:
@@ -944,7 +517,7 @@ def test_sigkill_daemon_loses_nothing_fsynced(tmp_path, mount):
         if rnd_no % 3 == 0:  # the killed image mounts again and reads as QEMU reads it
             with mount(img, tmp_path / f"again{rnd_no}") as (raw, _):
                 assert raw.read_bytes() == got, f"{where}: remounted image reads differently"
-            _check_not_corrupt(img)
+            check_not_corrupt(img)
     print(f"\nSIGKILL: {rounds} rounds, {writes_total} writes, {fsyncs_total} fsyncs, "
           f"{verified_blocks} fsynced blocks ({verified_blocks * BLOCK} bytes) verified, "
           f"{other_blocks} unsynced blocks held old or new data")
@@ -972,6 +545,7 @@ def small_tmpfs(tmp_path):
             subprocess.run(["umount", "-l", str(d)], capture_output=True)
 
 
+@pytest.mark.root
 @pytest.mark.parametrize("cs,rb", [(65536, 16), (512, 64)])
 def test_enospc_through_mount_keeps_serving_and_never_corrupts(tmp_path, mount, small_tmpfs, cs, rb):
     size = 64 << 20
@@ -999,7 +573,7 @@ def test_enospc_through_mount_keeps_serving_and_never_corrupts(tmp_path, mount, 
                     synced_end = off
             assert enospc is not None, f"wrote all {size} bytes into a 24 MiB tmpfs?"
             assert enospc.errno == errno.ENOSPC, f"expected ENOSPC, got {enospc!r}"
-            assert _pid_alive(pid), "daemon died on ENOSPC"
+            assert pid_alive(pid), "daemon died on ENOSPC"
             # still serving: reads of what was written (from the daemon, not the page cache)
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
             for _ in range(20):
@@ -1017,10 +591,10 @@ def test_enospc_through_mount_keeps_serving_and_never_corrupts(tmp_path, mount, 
                 fsync_after = e.strerror
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
             assert os.pread(fd, 8192, 4096) == patch
-            assert _pid_alive(pid), "daemon died after ENOSPC"
+            assert pid_alive(pid), "daemon died after ENOSPC"
         finally:
             os.close(fd)
-    info = _check_not_corrupt(img)
+    info = check_not_corrupt(img)
     raw_out = tmp_path / "after.raw"
     qemu.convert_to_raw(img, raw_out)
     got = raw_out.read_bytes()
@@ -1139,7 +713,7 @@ def test_engine_survives_transient_enospc(tmp_path, cs, rb, size, limits):
                 pass
         info = qemu.check(path)
         assert not info.get("corruptions", 0) and info["rc"] in (0, 3), \
-            f"{where}: after {failures} ENOSPC failures and recovery, qemu-img check: {_check_summary(info)}"
+            f"{where}: after {failures} ENOSPC failures and recovery, qemu-img check: {check_summary(info)}"
         # bytes of a failed write that no later successful write covers may be old or new
         uncertain = []
         for i, (off, data, ok) in enumerate(ops):
@@ -1150,7 +724,7 @@ def test_engine_survives_transient_enospc(tmp_path, cs, rb, size, limits):
                 if ok2:
                     pieces = _minus(pieces, o2, o2 + len(d2))
             uncertain += [GuestWrite(0, a, data[a - off:b - off]) for a, b in pieces]
-        why = _verify_guest(_guest_raw(path), model, model, uncertain)
+        why = verify_guest(guest_raw(path), model, model, uncertain)
         assert why is None, f"{where}: {why}"
         print(f"\nENOSPC engine {where}: {failures} failed calls, {f.refused} refused pwrites, "
               f"check rc={info['rc']} leaks={info.get('leaks', 0)}")
@@ -1206,10 +780,11 @@ def test_enospc_while_the_refcount_table_grows(tmp_path):
     info = qemu.check(path)
     assert not info.get("corruptions", 0) and info["rc"] in (0, 3), \
         (f"ENOSPC writing the grown refcount table (at {new_table:#x}, guest write at {failed_at:#x}) "
-         f"left a corrupt image: {_check_summary(info)}")
-    assert _verify_guest(_guest_raw(path), model, model, []) is None
+         f"left a corrupt image: {check_summary(info)}")
+    assert verify_guest(guest_raw(path), model, model, []) is None
 
 
+@pytest.mark.root
 def test_enospc_through_mount_while_the_refcount_table_grows(tmp_path, mount, small_tmpfs):
     """The same, end to end: a tmpfs sized (from a dry run of the same write sequence)
     to fill up exactly when the daemon writes the grown refcount table; the client
@@ -1259,7 +834,7 @@ def test_enospc_through_mount_while_the_refcount_table_grows(tmp_path, mount, sm
                     assert e.errno == errno.ENOSPC, f"expected ENOSPC, got {e!r}"
                     assert enospc_at is None, "ENOSPC twice"
                     enospc_at = off
-                    assert _pid_alive(pid), "daemon died on ENOSPC"
+                    assert pid_alive(pid), "daemon died on ENOSPC"
                     subprocess.run(["mount", "-o", "remount,size=64m", str(small_tmpfs)], check=True)
                     assert os.pwrite(fd, block(off), off) == chunk  # space is back: retry
                 model[off:off + chunk] = block(off)
@@ -1273,7 +848,7 @@ def test_enospc_through_mount_while_the_refcount_table_grows(tmp_path, mount, sm
           f"(tmpfs {small} bytes)")
     info = qemu.check(img)
     assert not info.get("corruptions", 0) and info["rc"] in (0, 3), \
-        f"after ENOSPC during refcount table growth: {_check_summary(info)}"
+        f"after ENOSPC during refcount table growth: {check_summary(info)}"
     raw_out = tmp_path / "after.raw"
     qemu.convert_to_raw(img, raw_out)
     assert raw_out.read_bytes() == bytes(model)

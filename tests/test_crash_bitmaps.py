@@ -1,5 +1,5 @@
-"""Power loss with persistent bitmaps: the replay harness of test_crash.py over a
-workload that ends with the bitmaps being stored at close.
+"""Power loss with persistent bitmaps: the replay harness (helpers/powercut.py) over
+a workload that ends with the bitmaps being stored at close.
 
 Every crash image must pass `qemu-img check` without corruption and keep all
 flushed guest data; each bitmap QEMU still loads must either be flagged in-use
@@ -14,13 +14,12 @@ import random
 
 import pytest
 
-import qemu
+from helpers import qemu
+from helpers.powercut import (SEED, GuestWrite, RecordingFile, Workload, guest_raw, judged_crash_images,
+                              pick_cuts, verify_guest)
+from helpers.qemu import dirty_ranges
 from qcowfuse import Image
 from qcowfuse.hostfile import HostFile
-from test_bitmaps import dirty_ranges
-from test_crash import (
-    SEED, GuestWrite, RecordingFile, Workload, _guest_raw, _judged_crash_images, _pick_cuts,
-    _verify_guest)
 
 
 def _bitmap_state(path) -> dict[str, tuple[list[str], list | None]]:
@@ -46,7 +45,7 @@ def test_power_loss_while_bitmaps_are_tracked_and_stored(tmp_path, cs, granulari
     before = _bitmap_state(path)
 
     initial = path.read_bytes()
-    guest = bytearray(_guest_raw(path))
+    guest = bytearray(guest_raw(path))
     rec = RecordingFile(HostFile.open(str(path), True))
     img = Image.open_file(rec, writable=True)
     w = Workload(initial, bytes(guest), rec.log)
@@ -70,16 +69,16 @@ def test_power_loss_while_bitmaps_are_tracked_and_stored(tmp_path, cs, granulari
     assert after["frozen"] == before["frozen"]
     assert after["on"][0] == ["auto"] and after["on"][1] != before["on"][1]
 
-    cuts = _pick_cuts(w.log, rnd, 45)
+    cuts = pick_cuts(w.log, rnd, 45)
     cuts += [k for k in range(len(w.log) - 12, len(w.log) + 1) if k not in cuts]  # the store
     crash_path = tmp_path / "crash.qcow2"
     failures, states = [], {}
-    for c in _judged_crash_images(w, sorted(cuts), rnd, crash_path):
+    for c in judged_crash_images(w, sorted(cuts), rnd, crash_path):
         where = f"seed={seed} cs={cs} cut={c.cut}/{len(w.log)} mode={c.mode}"
         if c.bad:
             failures.append(f"{where}: {c.bad}")
             continue
-        why = _verify_guest(c.guest, c.flushed, c.at_cut, c.since)
+        why = verify_guest(c.guest, c.flushed, c.at_cut, c.since)
         if why:
             failures.append(f"{where}: {why}")
             continue

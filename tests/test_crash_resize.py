@@ -2,8 +2,8 @@
 across L1 tables that must move (512 B clusters: one L1 cluster maps 2 MiB), and
 SIGKILL of the daemon while a client grows the mounted disk and writes into it.
 
-The power-loss harness is test_crash.py's (recording layer, crash images from a prefix
-of the log, QEMU as the judge).  On top of its rules: a crash image's virtual size is
+The power-loss harness is helpers/powercut.py (recording layer, crash images from a
+prefix of the log, QEMU as the judge).  On top of its rules: a crash image's virtual size is
 the size of the last resize that returned, or the one in progress; the space a resize
 added reads as zeros until written.  A shrink's punched clusters and its cut of the
 host file (a truncate in the log) are judged at every step too.
@@ -21,13 +21,13 @@ from pathlib import Path
 
 import pytest
 
-import qemu
-from rawqcow2 import RefcountView
+from helpers import qemu
+from helpers.powercut import (SECTOR, SEED, GuestWrite, Killer, RecordingFile, Truncate, Workload,
+                              after_kill, assert_killed, check_not_corrupt, cut_every_epoch,
+                              guest_raw, judged_crash_images, pick_cuts, verify_guest)
+from helpers.rawqcow2 import RefcountView
 from qcowfuse import Image
 from qcowfuse.hostfile import HostFile
-from test_crash import (SECTOR, SEED, GuestWrite, RecordingFile, Truncate, Workload, _after_kill,
-                        _assert_killed, _check_not_corrupt, _cut_every_epoch, _guest_raw,
-                        _judged_crash_images, _Killer, _pick_cuts, _verify_guest)
 
 KiB, MiB = 1 << 10, 1 << 20
 
@@ -81,7 +81,7 @@ def _make(tmp_path: Path, cs: int, rb: int, compat: str, size: int, variant: str
 def _run(path: Path, backing: Path | None, steps: list, rnd: random.Random) -> ResizeWorkload:
     size = json.loads(qemu.run("qemu-img", "info", "--output=json", str(path)).stdout)["virtual-size"]
     final = max([size] + [s[1] for s in steps if isinstance(s, tuple)])
-    guest = bytearray(_guest_raw(path).ljust(final, b"\0"))
+    guest = bytearray(guest_raw(path).ljust(final, b"\0"))
     rec = RecordingFile(HostFile.open(str(path), True))
     base = Image.open(str(backing), lock=False) if backing else None
     img = Image.open_file(rec, writable=True, backing=base)
@@ -116,7 +116,7 @@ def _run(path: Path, backing: Path | None, steps: list, rnd: random.Random) -> R
     finally:
         img.close()
     qemu.assert_clean(path)
-    assert _guest_raw(path) == bytes(guest[:size]), "final image differs from the model"
+    assert guest_raw(path) == bytes(guest[:size]), "final image differs from the model"
     return w
 
 
@@ -132,13 +132,13 @@ def test_power_loss_while_resizing(tmp_path, cs, rb, compat, size, steps, n_cuts
         assert any(isinstance(e, Truncate) for e in w.log)
     # every cut inside a resize, and around each header write (the L1 switch, the size)
     # and each truncate
-    cuts = set(_pick_cuts(w.log, rnd, n_cuts))
+    cuts = set(pick_cuts(w.log, rnd, n_cuts))
     for start, end, _ in w.resizes:
         cuts.update(range(start, end + 1, max(1, (end - start) // 25)))
     crash_path = tmp_path / "crash.qcow2"
     failures = []
     sizes_seen: set[int] = set()
-    for c in _judged_crash_images(w, sorted(cuts), rnd, crash_path):
+    for c in judged_crash_images(w, sorted(cuts), rnd, crash_path):
         where = f"seed={seed} geometry=({cs}, {rb}, {compat}, {variant!r}) cut={c.cut}/{len(w.log)} mode={c.mode}"
         if c.bad:
             failures.append(f"{where}: {c.bad}")
@@ -149,7 +149,7 @@ def test_power_loss_while_resizing(tmp_path, cs, rb, compat, size, steps, n_cuts
             failures.append(f"{where}: virtual size {n}, expected one of {sorted(allowed)}")
             continue
         sizes_seen.add(n)
-        why = _verify_guest(c.guest, c.flushed[:n], c.at_cut[:n], c.since)
+        why = verify_guest(c.guest, c.flushed[:n], c.at_cut[:n], c.since)
         if why:
             failures.append(f"{where}: {why}")
     print(f"\npower loss while resizing {cs}B rc{rb} v{compat} {variant or 'plain'} seed={seed}: "
@@ -206,7 +206,7 @@ def _cut_every_epoch_of_a_shrink(tmp_path: Path, initial: bytes, log: list, firs
             return "guest content changed"
         return None
 
-    failures, n_images, epochs = _cut_every_epoch(tmp_path, initial, log, first, judge)
+    failures, n_images, epochs = cut_every_epoch(tmp_path, initial, log, first, judge)
     print(f"\n{what}: log {len(log) - first} entries, {epochs} epochs, {n_images} crash images")
     assert not failures, "\n".join(failures[:8])
 
@@ -247,6 +247,7 @@ def test_power_cut_in_a_shrink_dropping_a_refcount_block_counted_by_another(tmp_
 BLOCK = 4096
 
 
+@pytest.mark.root
 def test_sigkill_while_growing_through_mount(tmp_path, mount):
     """A client grows the disk step by step (every step moves the L1 table) and writes
     into each new range, fsyncing now and then; the daemon is killed at a random moment.
@@ -271,7 +272,7 @@ def test_sigkill_while_growing_through_mount(tmp_path, mount):
         with mount(img, tmp_path / f"raw{rnd_no}") as (raw, pid):
             fd = os.open(raw, os.O_RDWR)
             try:
-                killer = _Killer(pid, rnd.uniform(0.3, 2.5) if big else rnd.uniform(0.05, 1.5))
+                killer = Killer(pid, rnd.uniform(0.3, 2.5) if big else rnd.uniform(0.05, 1.5))
                 killer.start()
                 deadline = time.monotonic() + 30
                 while time.monotonic() < deadline:
@@ -306,10 +307,10 @@ def test_sigkill_while_growing_through_mount(tmp_path, mount):
                 else:
                     raise AssertionError(f"{where}: the daemon was never killed")
             finally:
-                _after_kill(killer, fd)
-            _assert_killed(killer, pid, where)
+                after_kill(killer, fd)
+            assert_killed(killer, pid, where)
         inside += len(sizes) > 1
-        _check_not_corrupt(img)
+        check_not_corrupt(img)
         raw_out = qemu.convert_to_raw(img, tmp_path / f"k{rnd_no}.raw")  # sparse
         got_size = raw_out.stat().st_size
         assert got_size in sizes, f"{where}: virtual size {got_size}, expected one of {sizes}"

@@ -7,10 +7,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from cli_helpers import assert_refused
-from conftest import run_cli
-from qemu import LUKS_SECRET as SECRET
-from qemu import create_luks, run
+from helpers.cli import assert_refused
+from helpers.procs import run_cli
+from helpers.qemu import LUKS_SECRET as SECRET
+from helpers.qemu import create_luks, run
 
 
 def qemu_check(img: Path) -> dict:

@@ -11,9 +11,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import qemu
+from helpers import qemu
 from qcowfuse import Image, ReadOnlyError
-from rawqcow2 import RefcountView
+from helpers.rawqcow2 import RefcountView
 
 CLUSTER_SIZES = [512, 1024, 4096, 65536, 2 << 20]
 REFCOUNT_BITS = [1, 2, 4, 8, 16, 32, 64]

@@ -11,34 +11,23 @@ import struct
 
 import pytest
 
-import qemu
+from helpers import qemu
+from helpers.rawqcow2 import COPIED, L2_OFFSET_MASK, RawImage
 from qcowfuse import Image
 from qcowfuse.errors import CorruptError
 
 MiB = 1 << 20
 CS = 65536
-COPIED = 1 << 63
-
-
-def set_l2_entry(img, guest_cluster: int, value: int) -> None:
-    data = img.read_bytes()
-    l1_off = struct.unpack_from(">Q", data, 40)[0]
-    l2_off = struct.unpack_from(">Q", data, l1_off)[0] & 0x00FFFFFFFFFFFE00
-    with open(img, "r+b") as fh:
-        fh.seek(l2_off + 8 * guest_cluster)
-        fh.write(struct.pack(">Q", value))
 
 
 @pytest.mark.parametrize("target", ["refcount table", "L1 table", "L2 table", "past EOF"])
 def test_cached_entry_into_metadata_is_refused(tmp_path, target, image_calls):
     img = qemu.create(tmp_path / "h.qcow2", 16 * MiB)
     qemu.qemu_io(img, "write -P 0x11 0 2M")
-    data = img.read_bytes()
-    l1_off = struct.unpack_from(">Q", data, 40)[0]
-    host = {"refcount table": struct.unpack_from(">Q", data, 48)[0], "L1 table": l1_off,
-            "L2 table": struct.unpack_from(">Q", data, l1_off)[0] & 0x00FFFFFFFFFFFE00,
+    raw = RawImage(img)
+    host = {"refcount table": raw.reftable, "L1 table": raw.l1, "L2 table": raw.l2_offset(),
             "past EOF": 1 << 40}[target]
-    set_l2_entry(img, 4, COPIED | host)
+    raw.set_l2_entry(4, COPIED | host)
     before = img.read_bytes()
     with Image.open(str(img), writable=True) as im:
         read, write = image_calls(im)
@@ -58,8 +47,9 @@ def test_run_into_past_eof_is_refused(tmp_path, image_calls):
     img = qemu.create(tmp_path / "r.qcow2", 16 * MiB)
     qemu.qemu_io(img, "write -P 0x11 0 2M")
     end = img.stat().st_size
-    set_l2_entry(img, 4, COPIED | (end - CS))
-    set_l2_entry(img, 5, COPIED | end)
+    raw = RawImage(img)
+    raw.set_l2_entry(4, COPIED | (end - CS))
+    raw.set_l2_entry(5, COPIED | end)
     before = img.read_bytes()
     with Image.open(str(img), writable=True) as im:
         read, write = image_calls(im)
@@ -80,7 +70,7 @@ def test_quick_allocation_never_lands_on_metadata(tmp_path, image_calls):
     with Image.open(str(img), writable=True) as im:
         im.write(36 * CS, b"\x12" * 4096)  # allocates: the free hint is past the used space
         im.flush()
-        l2 = im.l1[0] & 0x00FFFFFFFFFFFE00
+        l2 = im.l1[0] & L2_OFFSET_MASK
         im.rc.add(l2 >> 16, -1)  # the L2 table now looks free, right at the hint
         assert im.rc.free_hint == l2 >> 16
         before = img.read_bytes()[l2:l2 + CS]

@@ -7,7 +7,9 @@ import subprocess
 
 import pytest
 
-import qemu
+from helpers import qemu
+
+pytestmark = pytest.mark.root  # every test here mounts (see the markers in pyproject.toml)
 
 MiB = 1 << 20
 

@@ -13,35 +13,18 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import qemu
-from cli_helpers import assert_refused
-from conftest import fuse_mounts, unmount
+from helpers import qemu
+from helpers.cli import assert_refused
+from helpers.procs import fuse_mounts, unmount
+from helpers.rawqcow2 import COPIED, L2_OFFSET_MASK, RawImage
 from qcowfuse import Image, QcowError
 from qcowfuse.qcow2.check import Checker
 
 MiB = 1 << 20
 
 
-def l2_entry_offset(img: Path, guest_cluster: int) -> int:
-    """File offset of the L2 entry for a guest cluster (64 KiB clusters, first L2 table)."""
-    data = img.read_bytes()
-    l1_off = struct.unpack_from(">Q", data, 40)[0]
-    l2_off = struct.unpack_from(">Q", data, l1_off)[0] & 0x00FFFFFFFFFFFE00
-    return l2_off + 8 * guest_cluster
-
-
-def set_l2_entry(img: Path, guest_cluster: int, value: int) -> None:
-    off = l2_entry_offset(img, guest_cluster)
-    with open(img, "r+b") as fh:
-        fh.seek(off)
-        fh.write(struct.pack(">Q", value))
-
-
 def header_flags(img: Path) -> int:
     return struct.unpack_from(">Q", img.read_bytes(), 72)[0]
-
-
-COPIED = 1 << 63
 
 
 @pytest.fixture
@@ -51,8 +34,9 @@ def image(tmp_path):
     return img
 
 
+@pytest.mark.root
 def test_data_cluster_past_eof_gives_eio_for_that_range_only(tmp_path, image, mount):
-    set_l2_entry(image, 3, COPIED | (1 << 40))
+    RawImage(image).set_l2_entry(3, COPIED | (1 << 40))
     with mount(image, tmp_path / "raw") as (raw, pid):
         fd = os.open(raw, os.O_RDWR)
         try:
@@ -70,10 +54,11 @@ def test_data_cluster_past_eof_gives_eio_for_that_range_only(tmp_path, image, mo
     assert header_flags(image) & 2, "the corrupt bit must be set after a write hit bad metadata"
 
 
+@pytest.mark.root
 def test_write_through_pointer_into_metadata_is_refused(tmp_path, image, mount):
     data = image.read_bytes()
     reftable = struct.unpack_from(">Q", data, 48)[0]
-    set_l2_entry(image, 4, COPIED | reftable)  # data "cluster" aliasing the refcount table
+    RawImage(image).set_l2_entry(4, COPIED | reftable)  # data "cluster" aliasing the refcount table
     before = image.read_bytes()[reftable:reftable + 65536]
     with mount(image, tmp_path / "raw") as (raw, _):
         fd = os.open(raw, os.O_RDWR)
@@ -276,7 +261,7 @@ def test_allocation_never_lands_on_metadata(tmp_path, image):
     img = Image.open(str(image), writable=True)
     try:
         img.write(0, b"\x12" * 512)  # first write: checks and heals, then in place
-        l2 = img.l1[0] & 0x00FFFFFFFFFFFE00
+        l2 = img.l1[0] & L2_OFFSET_MASK
         c = l2 >> img.cluster_bits
         img.rc.add(c, -1)  # the L2 table now looks free: the lowest free cluster
         assert img.rc.next_free(0) == c
@@ -289,6 +274,7 @@ def test_allocation_never_lands_on_metadata(tmp_path, image):
     assert header_flags(image) & 2, "the corrupt bit must be set"
 
 
+@pytest.mark.root
 def test_corrupt_table_through_mount_gives_eio_for_its_range_only(tmp_path, mount):
     """An L1 entry pointing at an unaligned L2 table: reads of the guest range that
     table maps get EIO through the mount; the rest is still served."""

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-import qemu
-from cli_helpers import assert_refused
+from helpers import qemu
+from helpers.cli import assert_refused
 from qcowfuse import Image
-from workload import random_writes
+from helpers.workload import random_writes
 
 MiB = 1 << 20
 
@@ -43,6 +43,7 @@ def source_raw(tmp_path: Path, size: int = 24 * MiB) -> Path:
     return src
 
 
+@pytest.mark.root
 @pytest.mark.parametrize("ctype", ["zlib", "zstd"])
 @pytest.mark.parametrize("cs", [4096, 65536])
 def test_compressed_images(tmp_path, mount, ctype, cs):
@@ -60,6 +61,7 @@ def test_compressed_images(tmp_path, mount, ctype, cs):
     assert info.get("compressed-clusters", 0) == 0
 
 
+@pytest.mark.root
 def test_zero_clusters_plain_and_preallocated(tmp_path, mount):
     img = qemu.create(tmp_path / "z.qcow2", 16 * MiB, cluster_size=4096)
     qemu.qemu_io(img, "write -P 0x61 0 8M", "write -z 1M 1M",  # zero flag, host clusters kept
@@ -68,18 +70,21 @@ def test_zero_clusters_plain_and_preallocated(tmp_path, mount):
     roundtrip(tmp_path, img, mount, seed=2)
 
 
+@pytest.mark.root
 def test_compat_010_image(tmp_path, mount):
     img = qemu.create(tmp_path / "v2.qcow2", 32 * MiB, compat="0.10")
     qemu.qemu_io(img, "write -P 0x71 0 3M", "write -P 0x72 20M 100k")
     roundtrip(tmp_path, img, mount, seed=3)
 
 
+@pytest.mark.root
 def test_lazy_refcounts_clean_image(tmp_path, mount):
     img = qemu.create(tmp_path / "lazy.qcow2", 16 * MiB, extra="lazy_refcounts=on")
     qemu.qemu_io(img, "write -P 0x73 0 2M")
     roundtrip(tmp_path, img, mount, seed=4)
 
 
+@pytest.mark.root
 def test_dirty_lazy_refcount_image_is_repaired_before_writing(tmp_path, mount):
     """qemu-io killed with lazy refcounts on: dirty bit set, refcounts too low."""
     img = qemu.create(tmp_path / "dirty.qcow2", 16 * MiB, cluster_size=4096, extra="lazy_refcounts=on")
@@ -98,6 +103,7 @@ def snapshot_raw(img: Path, name: str, out: Path) -> bytes:
     return out.read_bytes()
 
 
+@pytest.mark.root
 @pytest.mark.parametrize("cs", [512, 65536])
 def test_snapshots_are_never_changed(tmp_path, mount, cs):
     img = qemu.create(tmp_path / "s.qcow2", 8 * MiB, cluster_size=cs)
@@ -117,6 +123,7 @@ def test_snapshots_are_never_changed(tmp_path, mount, cs):
     assert_refused(["-o", "snapshot=nope", str(img), str(tmp_path / "snap")], "no snapshot named 'nope'", img)
 
 
+@pytest.mark.root
 @pytest.mark.parametrize("with_backing", [False, True])
 def test_extended_l2_subclusters(tmp_path, mount, with_backing):
     """Subclusters (cluster/32): allocated, zero and unallocated ones in one cluster,

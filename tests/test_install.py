@@ -23,8 +23,8 @@ from pathlib import Path
 
 import pytest
 
-import qemu
-from conftest import fuse_mounts, unmount
+from helpers import qemu
+from helpers.procs import fuse_mounts, unmount
 from qcowfuse import cli, daemon
 
 REPO = Path(__file__).resolve().parent.parent
@@ -121,6 +121,7 @@ def smoke_write(program: Path, tmp_path: Path) -> None:
 
 # -- users: pip install . ----------------------------------------------------------------
 
+@pytest.mark.root
 def test_plain_pip_install_reads_zstd_images(tmp_path, clone, zstd_image):
     """What `pip install .` gives (no extras, newest releases in pyproject's ranges)
     reads a zstd-compressed image equal to qemu-img convert -O raw."""
@@ -129,6 +130,7 @@ def test_plain_pip_install_reads_zstd_images(tmp_path, clone, zstd_image):
     assert_reads_as(venv / "bin" / "qcowfuse", *zstd_image, tmp_path)
 
 
+@pytest.mark.root
 def test_pipx_install(tmp_path, clone, zstd_image):
     """README's `pipx install .`, with pipx's own directories in tmp_path."""
     pipx = shutil.which("pipx")
@@ -175,10 +177,12 @@ def test_debian_packages_are_what_runs(debian_venv):
     assert not [line for line in check.stdout.splitlines() if line.startswith("qcowfuse ")], check.stdout
 
 
+@pytest.mark.root
 def test_debian_packages_mount_write_check(tmp_path, debian_venv):
     smoke_write(debian_venv / "bin" / "qcowfuse", tmp_path)
 
 
+@pytest.mark.root
 def test_debian_packages_read_zstd(tmp_path, debian_venv, zstd_image):
     assert_reads_as(debian_venv / "bin" / "qcowfuse", *zstd_image, tmp_path)
 
@@ -203,6 +207,7 @@ def tree(root: Path) -> dict[str, str]:
     return out
 
 
+@pytest.mark.root
 def test_scripts_install_idempotent_and_uninstall(tmp_path, clone):
     root = tmp_path / "root"
     (root / "usr" / "bin").mkdir(parents=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import random
 
-import qemu
+from helpers import qemu
 from qcowfuse import Image
 from qcowfuse.qcow2.tables import L2Cache
 

@@ -7,8 +7,10 @@ import time
 
 import pytest
 
-import qemu
-from cli_helpers import assert_refused
+from helpers import qemu
+from helpers.cli import assert_refused
+
+pytestmark = pytest.mark.root  # every test here mounts (see the markers in pyproject.toml)
 
 
 def qemu_io_rc(img, *args: str) -> subprocess.CompletedProcess:

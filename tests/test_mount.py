@@ -13,9 +13,11 @@ import time
 import pytest
 import trio
 
-import qemu
-from conftest import fuse_mounts, unmount
-from workload import random_writes
+from helpers import qemu
+from helpers.procs import fuse_mounts, unmount
+from helpers.workload import random_writes
+
+pytestmark = pytest.mark.root  # every test here mounts (see the markers in pyproject.toml)
 
 
 def test_reads_patterns_qemu_wrote(tmp_path, mount):

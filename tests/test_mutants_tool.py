@@ -1,4 +1,5 @@
-"""scripts/mutants itself (the full mutation run is not part of CI: see README)."""
+"""scripts/mutants.py itself (the full mutation run is not part of CI: see README), and
+docs/rules.md, which it generates from the mutant set."""
 
 from __future__ import annotations
 
@@ -8,11 +9,12 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-TOOL = ROOT / "scripts" / "mutants"
+TOOL = ROOT / "scripts" / "mutants.py"
+SETS = ROOT / "tests" / "mutants"  # mutant_set.py
 
 SMOKE_SET = '''
 import sys
-sys.path.insert(0, {scripts!r})
+sys.path.insert(0, {sets!r})
 from mutant_set import Mutant
 
 MUTANTS = [
@@ -36,7 +38,7 @@ def test_mutants_tool_kills_and_fails_loudly_on_a_lost_anchor(tmp_path):
     header = ROOT / "qcowfuse" / "qcow2" / "header.py"
     before = header.read_bytes()
     set_file = tmp_path / "smoke_set.py"
-    set_file.write_text(SMOKE_SET.format(scripts=str(ROOT / "scripts")))
+    set_file.write_text(SMOKE_SET.format(sets=str(SETS)))
     r = run_tool("--set", str(set_file))
     assert header.read_bytes() == before, "the tool changed the tree it runs from"
     assert r.returncode == 1, r.stdout + r.stderr
@@ -56,7 +58,7 @@ def test_every_mutant_anchor_is_in_its_file_exactly_once():
     """A change to the engine that moves a line a mutant names must move the mutant too
     (otherwise the full mutation run reports it as an error, outside CI); and every test
     a mutant names exists as a file."""
-    sys.path.insert(0, str(ROOT / "scripts"))
+    sys.path.insert(0, str(SETS))
     try:
         from mutant_set import MUTANTS
     finally:
@@ -69,3 +71,13 @@ def test_every_mutant_anchor_is_in_its_file_exactly_once():
         problems += [f"{m.name}: no test file {t}" for t in m.tests
                      if not (ROOT / t.split("::")[0]).is_file()]
     assert not problems, "\n".join(problems)
+
+
+def test_docs_rules_md_is_what_the_mutant_set_says():
+    """docs/rules.md is generated from the mutant set, so it cannot go stale: after a
+    change to tests/mutants/mutant_set.py run `scripts/mutants.py --rules > docs/rules.md`."""
+    r = run_tool("--rules")
+    assert r.returncode == 0, r.stdout + r.stderr
+    doc = ROOT / "docs" / "rules.md"
+    assert doc.is_file() and doc.read_text() == r.stdout, \
+        "docs/rules.md differs from the mutant set: run scripts/mutants.py --rules > docs/rules.md"

@@ -15,9 +15,11 @@ from typing import Callable
 
 import pytest
 
-from conftest import mounted, run_cli
-from qemu import LUKS_SECRET as SECRET
-from qemu import check, compare_raw, convert_to_raw, create, create_luks, qemu_io, run
+from helpers.procs import mounted, run_cli
+from helpers.qemu import LUKS_SECRET as SECRET
+from helpers.qemu import check, compare_raw, convert_to_raw, create, create_luks, qemu_io, run
+
+pytestmark = pytest.mark.root  # every test here mounts (see the markers in pyproject.toml)
 
 MiB = 1 << 20
 

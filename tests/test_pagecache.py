@@ -12,7 +12,9 @@ import subprocess
 
 import pytest
 
-from qemu import create, qemu_io
+from helpers.qemu import create, qemu_io
+
+pytestmark = pytest.mark.root  # every test here mounts (see the markers in pyproject.toml)
 
 SIZE = 16 << 20
 

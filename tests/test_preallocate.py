@@ -10,7 +10,7 @@ import struct
 
 import pytest
 
-import qemu
+from helpers import qemu
 from qcowfuse import Image
 from qcowfuse.errors import CorruptError
 

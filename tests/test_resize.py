@@ -4,7 +4,6 @@ size, qemu-img check, qemu-img compare against a model written below and above t
 from __future__ import annotations
 
 import errno
-import json
 import os
 import random
 import subprocess
@@ -13,12 +12,13 @@ from pathlib import Path
 
 import pytest
 
-import qemu
-from cli_helpers import assert_one_line_error
-from conftest import run_cli
+from helpers import qemu
+from helpers.cli import assert_one_line_error
+from helpers.ext4 import assert_ext4_as_qemu_reads_it, fs_mounted, loop_device, sh, tree_hashes
+from helpers.procs import run_cli
+from helpers.resize import Model, info
 from qcowfuse import Image, ReadOnlyError
 from qcowfuse.errors import ResizeError
-from test_ext4 import assert_ext4_as_qemu_reads_it, fs_mounted, loop_device, sh, tree_hashes
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 
@@ -29,36 +29,11 @@ GROWTH = {512: (1 * MiB, 8 * MiB), 1024: (4 * MiB, 48 * MiB), 4096: (4 * MiB, 3 
 VARIANTS = ["plain", "snapshot", "backing", "short-backing"]
 
 
-def info(path: Path) -> dict:
-    return json.loads(qemu.run("qemu-img", "info", "--output=json", "-U", str(path)).stdout)
-
-
 def l1_clusters(path: Path) -> int:
     h = path.read_bytes()[:48]
     l1_size = int.from_bytes(h[36:40], "big")
     cs = 1 << int.from_bytes(h[20:24], "big")
     return -(-l1_size * 8 // cs)
-
-
-class Model:
-    """The guest as QEMU read it before (a sparse raw file), then every write made since."""
-
-    def __init__(self, image: Path, raw: Path) -> None:
-        self.raw = qemu.convert_to_raw(image, raw)
-
-    def resize(self, size: int) -> None:
-        os.truncate(self.raw, size)
-
-    def write(self, img: Image, off: int, data: bytes) -> None:
-        img.write(off, data)
-        with open(self.raw, "r+b") as fh:
-            fh.seek(off)
-            fh.write(data)
-
-    def judge(self, image: Path, size: int) -> None:
-        assert info(image)["virtual-size"] == size
-        qemu.assert_clean(image)
-        qemu.compare_raw(image, self.raw)
 
 
 def make_image(tmp_path: Path, cs: int, compat: str, variant: str, old: int, new: int,
@@ -269,6 +244,7 @@ def test_inconsistent_bitmaps_are_refused(tmp_path):
 
 # -- through the mount ----------------------------------------------------------------------
 
+@pytest.mark.root
 def test_truncate_through_mount(tmp_path, mount):
     cs = 512
     path = qemu.create(tmp_path / "t.qcow2", 1 * MiB, cs)
@@ -317,6 +293,7 @@ def test_truncate_through_mount(tmp_path, mount):
         assert e.value.errno == errno.EROFS
 
 
+@pytest.mark.root
 def test_loop_device_and_resize2fs_in_the_grown_view(tmp_path, mount):
     path = qemu.create(tmp_path / "guest.qcow2", 64 * MiB, 4096)
     rnd = random.Random(13)
@@ -369,6 +346,7 @@ def test_cli_resize_speaks_qemu_img(tmp_path):
     assert_one_line_error(r.returncode, r.stderr, "No such file")
 
 
+@pytest.mark.root
 def test_cli_resize_refuses_an_image_in_use(tmp_path, mount):
     path = qemu.create(tmp_path / "t.qcow2", 1 * MiB)
     with mount(path, tmp_path / "raw") as (raw, _):

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-import qemu
-from conftest import run_cli
-from test_resize import Model
+from helpers import qemu
+from helpers.procs import run_cli
+from helpers.resize import Model
 
 KiB, MiB = 1 << 10, 1 << 20
 CS = 4096  # one L2 table maps 2 MiB: the shrink frees tables as well as data clusters
@@ -59,6 +59,7 @@ def test_offline_shrink_gives_space_back(tmp_path):
     assert after.st_size == qemu.check(path)["image-end-offset"]
 
 
+@pytest.mark.root
 def test_truncate_through_mount_gives_space_back_and_grows_again(tmp_path, mount):
     """Data written through the mount past the new end and zeroed again (detect-zeroes=on
     keeps the clusters), so that the file grew ahead as a hole; truncate(2) shrinks, then
@@ -99,7 +100,7 @@ def test_shrink_never_cuts_off_mapped_data_whose_refcount_is_zero(tmp_path, kind
     data there is gone for good (`qemu-img check -r all` could still rebuild its
     refcount).  Judged by qemu-io read -P and qemu-img check before and after.  The shrink
     runs in a fresh process, which must not have loaded numpy (the daemon's RSS)."""
-    from rawqcow2 import RefcountView
+    from helpers.rawqcow2 import RefcountView
 
     path = qemu.create(tmp_path / "z.qcow2", OLD, CS)
     qemu.qemu_io(path, "write -P 0x51 0 64k", "write -P 0x53 12M 4k", "write -z 12M 4k",

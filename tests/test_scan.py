@@ -13,10 +13,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import qemu
-from conftest import run_cli
+from helpers import qemu
+from helpers.checking import assert_same_counts
+from helpers.procs import run_cli
 from qcowfuse.qcow2.format import RefblockCodec, decode_refblock, encode_refblock
-from test_check import assert_same_counts
 
 MiB = 1 << 20
 

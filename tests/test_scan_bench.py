@@ -1,4 +1,4 @@
-"""scripts/bench --tools keeps working: a --quick run builds its images, runs every
+"""scripts/bench.py --tools keeps working: a --quick run builds its images, runs every
 command against qemu-img and prints its table and closing line."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-BENCH = Path(__file__).resolve().parent.parent / "scripts" / "bench"
+BENCH = Path(__file__).resolve().parent.parent / "scripts" / "bench.py"
 
 
 def test_bench_tools_quick(tmp_path):

@@ -7,46 +7,19 @@ from __future__ import annotations
 import os
 import random
 import shutil
-import struct
 import subprocess
 from pathlib import Path
 
 import pytest
 
-import qemu
-from conftest import run_cli
+from helpers import qemu
+from helpers.checking import assert_same_counts, qcowfuse_check
+from helpers.procs import run_cli
+from helpers.rawqcow2 import COPIED, L2_OFFSET_MASK, RawImage
 from qcowfuse import Image, QcowError
 from qcowfuse.qcow2.check import Checker
-from test_check import assert_same_counts, qcowfuse_check
 
 MiB = 1 << 20
-COPIED = 1 << 63
-
-
-class Raw:
-    """Just enough of the format to damage an image on purpose (no engine code)."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        d = path.read_bytes()
-        self.cluster_bits = struct.unpack_from(">I", d, 20)[0]
-        self.l1 = struct.unpack_from(">Q", d, 40)[0]
-        self.reftable = struct.unpack_from(">Q", d, 48)[0]
-        self.extended = struct.unpack_from(">Q", d, 72)[0] & 16 != 0
-
-    def u64(self, pos: int) -> int:
-        with open(self.path, "rb") as fh:
-            fh.seek(pos)
-            return struct.unpack(">Q", fh.read(8))[0]
-
-    def put(self, pos: int, value: int) -> None:
-        with open(self.path, "r+b") as fh:
-            fh.seek(pos)
-            fh.write(struct.pack(">Q", value))
-
-    def l2_entry_pos(self, guest_cluster: int, word: int = 0) -> int:
-        l2 = self.u64(self.l1) & 0x00FFFFFFFFFFFE00
-        return l2 + (16 if self.extended else 8) * guest_cluster + 8 * word
 
 
 def image(tmp_path: Path, cs: int = 65536, extended: bool = False) -> Path:
@@ -78,24 +51,24 @@ def bad(info: dict) -> int:
     return info.get("corruptions", 0) + info.get("leaks", 0) + info.get("check-errors", 0)
 
 
-def damage_reftable_reserved(raw: Raw) -> None:
+def damage_reftable_reserved(raw: RawImage) -> None:
     raw.put(raw.reftable, raw.u64(raw.reftable) | 0x10)
 
 
-def damage_l1_reserved(raw: Raw) -> None:
+def damage_l1_reserved(raw: RawImage) -> None:
     raw.put(raw.l1, raw.u64(raw.l1) | (1 << 60))
 
 
-def damage_l2_reserved(raw: Raw) -> None:
+def damage_l2_reserved(raw: RawImage) -> None:
     pos = raw.l2_entry_pos(1)
     raw.put(pos, raw.u64(pos) | (1 << 57) | 4)
 
 
-def damage_data_past_eof(raw: Raw) -> None:
+def damage_data_past_eof(raw: RawImage) -> None:
     raw.put(raw.l2_entry_pos(2), COPIED | (1 << 40))
 
 
-def damage_prealloc_unaligned(raw: Raw) -> None:
+def damage_prealloc_unaligned(raw: RawImage) -> None:
     """A preallocated zero cluster at an unaligned offset: qemu-img makes it a plain zero."""
     pos = raw.l2_entry_pos(3)
     if raw.extended:  # host offset, all subclusters zero
@@ -105,26 +78,26 @@ def damage_prealloc_unaligned(raw: Raw) -> None:
         raw.put(pos, (raw.u64(pos) + 512) | 1)
 
 
-def damage_subclusters_both(raw: Raw) -> None:
+def damage_subclusters_both(raw: RawImage) -> None:
     raw.put(raw.l2_entry_pos(1, 1), 0xFFFFFFFF00000001 | 0xF)
 
 
-def damage_unallocated_alloc_bits(raw: Raw) -> None:
+def damage_unallocated_alloc_bits(raw: RawImage) -> None:
     raw.put(raw.l2_entry_pos(20, 1), 0x3)
 
 
-def damage_compressed_bitmap(raw: Raw) -> None:
+def damage_compressed_bitmap(raw: RawImage) -> None:
     pos = raw.l2_entry_pos(0)
-    raw.put(pos, (raw.u64(pos) & 0x00FFFFFFFFFFFE00) | (1 << 62))
+    raw.put(pos, (raw.u64(pos) & L2_OFFSET_MASK) | (1 << 62))
     raw.put(pos + 8, 1)
 
 
-def damage_compressed_copied(raw: Raw) -> None:
+def damage_compressed_copied(raw: RawImage) -> None:
     pos = raw.l2_entry_pos(0)
-    raw.put(pos, (raw.u64(pos) & 0x00FFFFFFFFFFFE00) | (1 << 62) | COPIED)
+    raw.put(pos, (raw.u64(pos) & L2_OFFSET_MASK) | (1 << 62) | COPIED)
 
 
-def damage_l2_past_eof(raw: Raw) -> None:
+def damage_l2_past_eof(raw: RawImage) -> None:
     raw.put(raw.l1, COPIED | (1 << 40))
 
 
@@ -142,7 +115,7 @@ REPAIRED = {damage_reftable_reserved, damage_l1_reserved, damage_l2_reserved, da
                          ids=lambda v: getattr(v, "__name__", str(v)))
 def test_found_like_qemu_and_repaired_as_well(tmp_path, extended, damage):
     img = image(tmp_path, 65536, extended)
-    damage(Raw(img))
+    damage(RawImage(img))
     theirs = qemu.check(img)
     assert theirs["rc"] != 0, "the damage must be something qemu-img reports"
     ours = assert_same_counts(img)
@@ -157,7 +130,7 @@ def test_found_like_qemu_and_repaired_as_well(tmp_path, extended, damage):
 
 def test_reftable_reserved_bits_message_and_rebuild(tmp_path):
     img = image(tmp_path)
-    damage_reftable_reserved(Raw(img))
+    damage_reftable_reserved(RawImage(img))
     rc, report = qcowfuse_check(img)
     assert rc == 2 and report["corruptions"] == 1
     assert "ERROR refcount table entry 0 has reserved bits set" in run_cli("check", str(img)).stdout
@@ -188,9 +161,9 @@ def seeds(tmp: Path) -> list[tuple[bytes, list[int], int]]:
             qemu.run("qemu-img", "snapshot", "-c", "s", str(p))
             qemu.qemu_io(p, "write -P 3 4k 4k")
         data = p.read_bytes()
-        raw = Raw(p)
+        raw = RawImage(p)
         meta = sorted({raw.l1 - raw.l1 % cs, raw.reftable, raw.u64(raw.reftable) & ~511,
-                       raw.u64(raw.l1) & 0x00FFFFFFFFFFFE00})
+                       raw.u64(raw.l1) & L2_OFFSET_MASK})
         out.append((data, [m for m in meta if 0 < m < len(data)], cs))
     return out
 

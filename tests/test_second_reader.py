@@ -15,12 +15,13 @@ from pathlib import Path
 
 import pytest
 
-from conftest import fuse_mounts, mounted
-from qemu import assert_clean, convert_to_raw, create, qemu_io, run
+from helpers.procs import fuse_mounts, mounted
+from helpers.qemu import assert_clean, convert_to_raw, create, qemu_io, run
 
 MiB = 1 << 20
 
-pytestmark = pytest.mark.skipif(shutil.which("qcowmount") is None, reason="libqcow-utils missing")
+pytestmark = [pytest.mark.root,
+              pytest.mark.skipif(shutil.which("qcowmount") is None, reason="libqcow-utils missing")]
 
 
 def libqcow_sha(image: Path, where: Path) -> str:

@@ -10,8 +10,12 @@ from __future__ import annotations
 
 import os
 
-import qemu
-from rawqcow2 import RefcountView
+import pytest
+
+from helpers import qemu
+from helpers.rawqcow2 import RefcountView
+
+pytestmark = [pytest.mark.root, pytest.mark.slow]  # mounts; ~40 s (4.5 GiB through a mount)
 
 GiB = 1 << 30
 MiB = 1 << 20

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from cli_helpers import assert_refused
-from qemu import create, qemu_io, run
+from helpers.cli import assert_refused
+from helpers.qemu import create, qemu_io, run
 
 MiB = 1 << 20
 
@@ -37,6 +37,7 @@ def overlay(tmp_path: Path, backing: str, fmt: str = "raw", size: int = 4 * MiB)
     return img
 
 
+@pytest.mark.root
 def test_backing_off_shows_only_the_top_layer(tmp_path, mount):
     """An image naming /etc/passwd: QEMU and a default mount show it; backing=off not."""
     img = overlay(tmp_path, "/etc/passwd")
@@ -53,6 +54,7 @@ def test_backing_off_shows_only_the_top_layer(tmp_path, mount):
     assert img.read_bytes() == before
 
 
+@pytest.mark.root
 @pytest.mark.parametrize("kind", ["fifo", "block device", "socket"])
 def test_image_naming_a_special_file_is_refused(tmp_path, kind, loop_file):
     if kind == "fifo":
@@ -72,6 +74,7 @@ def test_image_naming_a_special_file_is_refused(tmp_path, kind, loop_file):
     assert_refused([str(img), str(target)], "not a regular file", img, target)
 
 
+@pytest.mark.root
 def test_backing_path_names_a_block_device_or_a_moved_file(tmp_path, mount, loop_file):
     base = tmp_path / "base.raw"
     base.write_bytes(os.urandom(4 * MiB))

@@ -9,7 +9,7 @@ import os
 
 import pytest
 
-import qemu
+from helpers import qemu
 from qcowfuse import Image
 
 KiB, MiB = 1 << 10, 1 << 20
@@ -33,6 +33,7 @@ def data(img, start: int, end: int) -> bool:
     return all(e["data"] for e in extents_in(img, start, end))
 
 
+@pytest.mark.root
 def test_split_zero_writes_through_mount(tmp_path, mount):
     size = 64 * MiB
     img = qemu.create(tmp_path / "z.qcow2", size)

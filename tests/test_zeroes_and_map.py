@@ -9,8 +9,8 @@ import random
 
 import pytest
 
-import qemu
-from conftest import run_cli
+from helpers import qemu
+from helpers.procs import run_cli
 from qcowfuse import Image
 
 MiB = 1 << 20
@@ -33,6 +33,7 @@ def disk_usage(path) -> int:
     return os.stat(path).st_blocks * 512
 
 
+@pytest.mark.root
 @pytest.mark.parametrize("mode", ["on", "unmap"])
 def test_detect_zeroes_through_mount(tmp_path, mount, mode):
     img = qemu.create(tmp_path / "z.qcow2", 64 * MiB)

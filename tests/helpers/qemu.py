@@ -62,6 +62,20 @@ def convert_to_raw(image: Path, raw: Path) -> Path:
     return raw
 
 
+def dirty_ranges(image: Path, name: str) -> list[tuple[int, int]]:
+    """What QEMU says bitmap `name` marks dirty: merged (start, end) ranges."""
+    r = run("nbdinfo", "--json", f"--map=qemu:dirty-bitmap:{name}", "--",
+            "[", "qemu-nbd", "-r", "-f", "qcow2", "-B", name, str(image), "]")
+    out: list[tuple[int, int]] = []
+    for e in json.loads(r.stdout):
+        if e["type"] & 1:
+            if out and out[-1][1] == e["offset"]:
+                out[-1] = (out[-1][0], e["offset"] + e["length"])
+            else:
+                out.append((e["offset"], e["offset"] + e["length"]))
+    return out
+
+
 LUKS_SECRET = ["--object", "secret,id=sec0,data=123456"]
 
 

@@ -1,8 +1,8 @@
-"""The named mutants scripts/mutants runs: one per rule the README promises.
+"""The named mutants scripts/mutants.py runs: one per rule the README promises.
 
 Each mutant: a name, the engine file, an exact anchor (one or two lines; it must occur
 exactly once in that file), its replacement, and the fast tests that must fail with
-it.  When code moves, update the anchor here; scripts/mutants fails loudly on an
+it.  When code moves, update the anchor here; scripts/mutants.py fails loudly on an
 anchor it cannot find.
 
 Left out as equivalent (no crash or input can tell them apart): dropping the sync

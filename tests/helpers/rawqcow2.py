@@ -1,7 +1,11 @@
-"""A deliberately separate, minimal qcow2 refcount reader for tests.
+"""A deliberately separate, minimal qcow2 reader and poker for tests.
 
 It shares no code with the engine, so a test that uses it does not trust the
-writer's own reader to judge the writer.
+writer's own reader to judge the writer, and a test that damages an image on
+purpose does not depend on the code it is testing.
+
+RefcountView reads and sets refcounts; RawImage reads and patches header fields,
+L1 entries and the L2 entries of the first L2 table.
 """
 
 from __future__ import annotations
@@ -64,3 +68,44 @@ class RefcountView:
     def table_cluster_range(self) -> range:
         first = self.table_offset >> self.cluster_bits
         return range(first, first + self.table_clusters)
+
+
+COPIED = 1 << 63  # L1 / L2 entry flag: refcount is exactly one
+L2_OFFSET_MASK = 0x00FFFFFFFFFFFE00  # host offset bits of an L1 entry
+
+
+class RawImage:
+    """Just enough of the format to damage an image on purpose (no engine code): 64-bit
+    words anywhere, and the entries of the first L2 table (the one L1[0] points to)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        with open(self.path, "rb") as fh:
+            d = fh.read(104)
+        self.cluster_bits = struct.unpack_from(">I", d, 20)[0]
+        self.l1 = struct.unpack_from(">Q", d, 40)[0]  # L1 table offset
+        self.reftable = struct.unpack_from(">Q", d, 48)[0]  # refcount table offset
+        version = struct.unpack_from(">I", d, 4)[0]
+        self.extended = version >= 3 and struct.unpack_from(">Q", d, 72)[0] & 16 != 0
+
+    def u64(self, pos: int) -> int:
+        with open(self.path, "rb") as fh:
+            fh.seek(pos)
+            return struct.unpack(">Q", fh.read(8))[0]
+
+    def put(self, pos: int, value: int) -> None:
+        with open(self.path, "r+b") as fh:
+            fh.seek(pos)
+            fh.write(struct.pack(">Q", value))
+
+    def l2_offset(self) -> int:
+        """File offset of the first L2 table."""
+        return self.u64(self.l1) & L2_OFFSET_MASK
+
+    def l2_entry_pos(self, guest_cluster: int, word: int = 0) -> int:
+        """File offset of a guest cluster's L2 entry in the first L2 table (word 1: the
+        subcluster bitmap of an extended L2 entry)."""
+        return self.l2_offset() + (16 if self.extended else 8) * guest_cluster + 8 * word
+
+    def set_l2_entry(self, guest_cluster: int, value: int) -> None:
+        self.put(self.l2_entry_pos(guest_cluster), value)

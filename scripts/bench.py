@@ -32,10 +32,11 @@ peak RSS and CPU seconds per GiB moved, the per-GiB rates of the refcount-bounda
 stream, the targets met or missed, and a closing line `bench: N passed, M failed`.
 Exit status 0 even when targets are missed; non-zero only if the benchmark broke.
 
-  scripts/bench                           # 4G, 3 rounds, 10 s per fio job (~75 min)
-  scripts/bench --size 2G --rounds 2 --runtime 5            # ~30 min on 2 cores
-  scripts/bench --only seq-write-1M,randwrite-4K-1j --json out.json
-  scripts/bench --quick                   # tiny: keeps the script working (tests)
+  scripts/bench.py                        # 4G, 3 rounds, 10 s per fio job (~75 min)
+  scripts/bench.py --size 2G --rounds 2 --runtime 5         # ~30 min on 2 cores
+  scripts/bench.py --only seq-write-1M,randwrite-4K-1j --json out.json
+  scripts/bench.py --quick                # tiny: keeps the script working (tests)
+  scripts/bench.py --tools ...            # check/map/info vs qemu-img: scripts/bench_tools.py
 
 Needs root, /dev/fuse, loop devices, fio, qemu-img, qemu-storage-daemon, e2fsprogs.
 """
@@ -59,6 +60,16 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator
+
+HERE = Path(__file__).resolve().parent
+# its siblings (bench_tools) and the test suite's process helpers (tests/helpers), also
+# when this file is imported rather than run
+for _dir in (HERE, HERE.parent / "tests"):
+    if str(_dir) not in sys.path:
+        sys.path.insert(0, str(_dir))
+
+import bench_tools  # noqa: E402
+from helpers.procs import pid_alive, unescape_mount  # noqa: E402
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 REPO = Path(__file__).resolve().parent.parent
@@ -209,10 +220,6 @@ def run(*args: str, timeout: float | None = None, finish: bool = False) -> str:
     return out
 
 
-def unescape_mount(path: str) -> str:
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), path)
-
-
 def mounts() -> list[tuple[str, str]]:
     """(mount point, fs type) of every mount, innermost last."""
     with open("/proc/self/mounts") as fh:
@@ -221,14 +228,6 @@ def mounts() -> list[tuple[str, str]]:
 
 def is_mounted(path: Path) -> bool:
     return any(mp == str(path) for mp, _ in mounts())
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(") ", 1)[1][0] != "Z"
-    except (FileNotFoundError, ProcessLookupError, IndexError):
-        return False
 
 
 def proc_usage(pid: int) -> tuple[float, int]:
@@ -975,7 +974,7 @@ def parse_size(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="scripts/bench", description=__doc__.split("\n\n")[0],
+        prog="scripts/bench.py", description=__doc__.split("\n\n")[0],
         epilog="jobs: " + ", ".join(j.name for j in JOBS),
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", type=parse_size, help="image size for the main jobs (default 4G; "
@@ -1084,8 +1083,7 @@ def say(msg: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if "--tools" in argv:  # qcowfuse check/map/info vs qemu-img: scripts/bench_tools.py
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
-        return __import__("bench_tools").main([a for a in argv if a != "--tools"])
+        return bench_tools.main([a for a in argv if a != "--tools"])
     args = build_parser().parse_args(argv)
     jobs = select_jobs(args.only, args.targets)
     cfg = make_config(args)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from conftest import fuse_mounts, run_cli
+from helpers.procs import fuse_mounts, run_cli
 
 
 def assert_one_line_error(returncode: int, stderr: str, *fragments: str) -> str:
