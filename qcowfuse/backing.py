@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import stat
-from typing import Protocol
+from typing import Callable, Protocol
 
 from .errors import FormatError, QcowError, UnsupportedError
 from .locking import lock_image
@@ -39,6 +39,9 @@ class RawLayer:
     def read(self, offset: int, length: int) -> bytes:
         data = os.pread(self.fd, length, offset) if offset < self.size else b""
         return data if len(data) == length else data.ljust(length, b"\0")
+
+    def unlocked_read(self) -> Callable[[int, int], bytes]:
+        return self.read
 
     def close(self) -> None:
         if self.fd >= 0:

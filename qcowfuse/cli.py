@@ -121,6 +121,8 @@ def parse_mount_options(values: list[str], opts: MountOptions) -> None:
                 opts.l2_cache_size = parse_size(arg)
             elif name in ("refcount-cache-size", "refcount_cache_size") and arg:
                 opts.refcount_cache_size = parse_size(arg)
+            elif name == "overlay":
+                opts.overlay, opts.overlay_path = True, arg or None
             elif name in ("io_uring", "io-uring"):
                 raise UsageError(f"-o {item}: not supported: FUSE-over-io_uring calls handlers from "
                                  f"libfuse's threads, and qcowfuse serves from one")
@@ -142,6 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", dest="options", action="append", default=[], metavar="OPT[,OPT...]",
                    help="mount options: ro, rw (default), allow_other, debug (implies -f), "
                         "direct_io, force-share (with ro: no image locks, like qemu-img -U), "
+                        "overlay (writes go to a throwaway overlay in $TMPDIR; the image is only "
+                        "read), overlay=PATH (the overlay kept at PATH), "
                         "snapshot=NAME (an internal snapshot, read-only), "
                         "backing=off (open no backing file: what the image lacks reads as zeros; "
                         "with ro) or backing=PATH (use PATH, which may be a block device, instead of "

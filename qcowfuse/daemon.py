@@ -43,6 +43,8 @@ class MountOptions:
     refcount_cache_size: int = DEFAULT_REFCOUNT_CACHE_BYTES
     pidfile: str | None = None
     backing: str | None = None  # "off", or a path overriding the header's backing file
+    overlay: bool = False  # writes go to an overlay; the image is opened read-only
+    overlay_path: str | None = None  # keep the overlay here (None: throwaway)
     extra_fuse_options: list[str] = field(default_factory=list)
 
 
@@ -132,15 +134,25 @@ def mount(opts: MountOptions) -> int:
         raise MountError(f"{opts.image}: no such file")
     if not os.path.isfile(image_path):
         raise MountError(f"{opts.image}: not a regular file")
-    if opts.force_share and not opts.read_only and opts.snapshot is None:
+    if opts.overlay and opts.read_only:
+        raise MountError("-o overlay takes writes (into the overlay): drop -o ro")
+    if opts.force_share and not opts.read_only and opts.snapshot is None and not opts.overlay:
         raise MountError("force-share needs a read-only mount (-o ro,force-share)")
-    if opts.snapshot is not None:
+    if opts.snapshot is not None and not opts.overlay:
         opts.read_only = True  # a snapshot is never changed
     if opts.pidfile:
         opts.pidfile = os.path.abspath(opts.pidfile)  # the daemon chdirs to / before writing it
-    image = Image.open(image_path, writable=not opts.read_only, lock=not opts.force_share,
-                       backing=opts.backing, snapshot=opts.snapshot, detect_zeroes=opts.detect_zeroes,
-                       l2_cache_bytes=opts.l2_cache_size, refcount_cache_bytes=opts.refcount_cache_size)
+    if opts.overlay:
+        from .overlay import open_overlay
+        image = open_overlay(image_path, opts.overlay_path, lock=not opts.force_share,
+                             snapshot=opts.snapshot, backing=opts.backing,
+                             detect_zeroes=opts.detect_zeroes, l2_cache_bytes=opts.l2_cache_size,
+                             refcount_cache_bytes=opts.refcount_cache_size)
+    else:
+        image = Image.open(image_path, writable=not opts.read_only, lock=not opts.force_share,
+                           backing=opts.backing, snapshot=opts.snapshot,
+                           detect_zeroes=opts.detect_zeroes, l2_cache_bytes=opts.l2_cache_size,
+                           refcount_cache_bytes=opts.refcount_cache_size)
     target = None
     try:
         target = prepare_mountpoint(opts.mountpoint, image_path)
@@ -243,11 +255,15 @@ def serve(image: Image, opts: MountOptions, target: MountTarget, ready_fd: int |
 
     from .fuse_ops import RawFileOperations
 
-    ops = RawFileOperations(image, image.f.fd, target.file_name, direct_io=opts.direct_io)
+    shown_fd = image.f.fd  # the image file: its owner, mode and times are the view's
+    if opts.overlay:
+        from .overlay import image_file_fd
+        shown_fd = image_file_fd(image)
+    ops = RawFileOperations(image, shown_fd, target.file_name, direct_io=opts.direct_io)
     fuse_options = set(pyfuse3.default_options)
     # The kernel checks the owner and mode the view shows (the image file's): without
     # this, allow_other would open the raw file to every user.
-    fuse_options |= {"default_permissions", "fsname=" + image.f.path.replace(",", "_"),
+    fuse_options |= {"default_permissions", "fsname=" + os.path.abspath(opts.image).replace(",", "_"),
                      "subtype=qcowfuse"}
     if opts.read_only:
         fuse_options.add("ro")
@@ -280,8 +296,9 @@ def serve(image: Image, opts: MountOptions, target: MountTarget, ready_fd: int |
             await trio.to_thread.run_sync(os.stat, target.path)
             if opts.pidfile:
                 write_pidfile(opts.pidfile, os.getpid())
-            log.info("serving %s on %s%s", image.f.path, target.path,
-                     " (read-only)" if opts.read_only else "")
+            log.info("serving %s on %s%s", opts.image, target.path,
+                     " (read-only)" if opts.read_only else " (writes to an overlay)" if opts.overlay
+                     else "")
             if opts.force_share:
                 log.warning("force-share: %s is not locked; another process may change it "
                             "while it is mounted", image.f.path)

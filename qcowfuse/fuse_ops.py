@@ -82,6 +82,9 @@ class RawFileOperations(pyfuse3.Operations):
         self.file_inode = pyfuse3.ROOT_INODE if file_name is None else FILE_INODE_IN_DIR
         self.direct_io = direct_io
         self.shown: dict[int, _Shown] = {self.file_inode: _Shown(), pyfuse3.ROOT_INODE: _Shown()}
+        # open file handles -> opened for writing (close() of one flushes the image)
+        self.handles: dict[int, bool] = {}
+        self.next_handle = 1
         # Times of the raw file (see _times).  FUSE's auto_inval_data drops every cached
         # page of a file whose mtime (or size) it sees change in getattr: an mtime that
         # followed the image file would cost the whole page cache on each small write.
@@ -196,9 +199,12 @@ class RawFileOperations(pyfuse3.Operations):
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         if inode != self.file_inode:
             raise pyfuse3.FUSEError(errno.EISDIR if inode == pyfuse3.ROOT_INODE else errno.ENOENT)
-        if flags & os.O_ACCMODE != os.O_RDONLY and not self.image.writable:
+        writing = flags & os.O_ACCMODE != os.O_RDONLY
+        if writing and not self.image.writable:
             raise pyfuse3.FUSEError(errno.EROFS)
-        return pyfuse3.FileInfo(fh=inode, direct_io=self.direct_io, keep_cache=True)
+        fh, self.next_handle = self.next_handle, self.next_handle + 1
+        self.handles[fh] = writing
+        return pyfuse3.FileInfo(fh=fh, direct_io=self.direct_io, keep_cache=True)
 
     async def read(self, fh: int, off: int, size: int) -> bytes | bytearray:  # type: ignore[override]
         # (pyfuse3's stub says bytes; any buffer is sent as it is)
@@ -229,10 +235,13 @@ class RawFileOperations(pyfuse3.Operations):
         await self._flush()
 
     async def flush(self, fh: int) -> None:
-        await self._flush()
+        """close(2): what was written through this handle is flushed; closing a handle
+        opened for reading has nothing to make durable (and cannot fail)."""
+        if self.handles.get(fh, True):
+            await self._flush()
 
     async def release(self, fh: int) -> None:
-        pass
+        self.handles.pop(fh, None)
 
 
 def _errno_for(e: QcowError | OSError, op: str, off: int, size: int) -> pyfuse3.FUSEError:

@@ -175,6 +175,10 @@ class Image(ReadPath, WritePath, Integrity):
             raise UnsupportedError("image is marked corrupt: mount it read-only (-o ro), or repair it "
                                    "with 'qcowfuse check --repair all' first")
 
+    def unlocked_read(self) -> ReadFn:
+        """This image as a backing layer of an overlay the daemon serves (Layer)."""
+        return self.unlocked_io()[0]
+
     def replace_refcount_structures(self) -> None:
         """The refcount table the header names was rebuilt on disk (check's repair): read
         it afresh, with a new allocator over it."""

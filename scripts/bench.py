@@ -9,6 +9,8 @@ Every job runs against these targets, interleaved per job, for several rounds:
   passthrough  a bare pyfuse3 + trio passthrough of a sparse raw file
                (scripts/bench_passthrough.py: the ceiling of qcowfuse's own stack)
   raw          a sparse raw file on the same filesystem (no FUSE hop at all)
+  overlay      (read jobs only) qcowfuse -o overlay over an image filled through a
+               plain qcowfuse mount: reads of what lies below a throwaway overlay
 
 Each (job, round, target) gets a freshly created image, so first-touch allocation
 is measured alike.  Jobs that read (or overwrite) allocated data fill the whole
@@ -73,7 +75,9 @@ from helpers.procs import pid_alive, unescape_mount  # noqa: E402
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 REPO = Path(__file__).resolve().parent.parent
-TARGETS = ("raw", "passthrough", "qsd", "nbdfuse", "qcowfuse")
+TARGETS = ("raw", "passthrough", "qsd", "nbdfuse", "qcowfuse", "overlay")
+FIO_TARGETS = TARGETS[:-1]  # the jobs' default
+READ_TARGETS = TARGETS  # read jobs also through -o overlay (the image's data, read below it)
 QCOW2_TARGETS = ("raw", "qsd", "qcowfuse")  # for jobs about qcow2 itself
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 NS_ENV = "QCOWFUSE_BENCH_PRIVATE_NS"
@@ -98,7 +102,7 @@ class Job:
     prefill: bool = False           # fill the region, remount, then measure
     time_based: bool = False        # run for --runtime (random jobs) instead of until size
     about: str = ""
-    targets: tuple[str, ...] = TARGETS
+    targets: tuple[str, ...] = FIO_TARGETS
 
 
 REREADS = 5              # reread job: writes and rereads after the first read
@@ -110,12 +114,14 @@ JOBS = (
         about="sequential 1 MiB writes into a fresh image (first touch), fsync at the end"),
     Job("seq-overwrite-1M", "MB/s", "fio", ("--rw=write",) + SEQ, prefill=True,
         about="the same over an allocated region (for the fresh-vs-overwrite target)"),
-    Job("seq-read-1M", "MB/s", "fio", ("--rw=read", "--bs=1M"), prefill=True,
+    Job("seq-read-1M", "MB/s", "fio", ("--rw=read", "--bs=1M"), prefill=True, targets=READ_TARGETS,
         about="sequential 1 MiB reads of allocated data"),
     Job("randread-4K-1j", "IOPS", "fio", ("--rw=randread", "--bs=4k") + DIRECT, prefill=True,
-        time_based=True, about="4 KiB O_DIRECT random reads of allocated data, 1 job"),
+        time_based=True, targets=READ_TARGETS,
+        about="4 KiB O_DIRECT random reads of allocated data, 1 job"),
     Job("randread-4K-4j", "IOPS", "fio", ("--rw=randread", "--bs=4k", "--numjobs=4") + DIRECT,
-        prefill=True, time_based=True, about="4 KiB O_DIRECT random reads of allocated data, 4 jobs"),
+        prefill=True, time_based=True, targets=READ_TARGETS,
+        about="4 KiB O_DIRECT random reads of allocated data, 4 jobs"),
     Job("randwrite-4K-1j", "IOPS", "fio", ("--rw=randwrite", "--bs=4k") + DIRECT + WRITE_END,
         time_based=True, about="4 KiB O_DIRECT random writes into a fresh image, 1 job"),
     Job("randwrite-4K-4j", "IOPS", "fio",
@@ -323,6 +329,7 @@ class RawTarget(Target):
 
 class QcowfuseTarget(Target):
     name = "qcowfuse"
+    mount_options: tuple[str, ...] = ()
 
     @contextlib.contextmanager
     def attached(self, image: Path) -> Iterator[Attached]:
@@ -331,7 +338,8 @@ class QcowfuseTarget(Target):
         pid = None
         try:
             try:
-                opts = ["-o", self.bench.cfg.qcowfuse_options] if self.bench.cfg.qcowfuse_options else []
+                options = [o for o in (self.bench.cfg.qcowfuse_options, *self.mount_options) if o]
+                opts = ["-o", ",".join(options)] if options else []
                 run(self.bench.qcowfuse, *opts, str(image), str(mnt), "--pidfile", str(pidfile),
                     timeout=120, finish=True)
             finally:  # the daemon writes its pid once the mount is live
@@ -345,6 +353,13 @@ class QcowfuseTarget(Target):
                 stop_pid(pid)
                 self.bench.release_pid(pid)
             mnt.unlink(missing_ok=True)
+
+
+class OverlayTarget(QcowfuseTarget):
+    """qcowfuse -o overlay: the image read-only below a throwaway overlay (filled through a
+    plain qcowfuse mount, since what is written through this one vanishes)."""
+    name = "overlay"
+    mount_options = ("overlay",)
 
 
 class ForegroundTarget(Target):
@@ -608,7 +623,7 @@ class Bench:
         py = Path(qcowfuse).parent / "python"  # the one with qcowfuse's pyfuse3 and trio
         self.python = str(py) if os.access(py, os.X_OK) else sys.executable
         self.targets = {t.name: t for t in (RawTarget(self), PassthroughTarget(self), QsdTarget(self),
-                                            NbdfuseTarget(self), QcowfuseTarget(self))}
+                                            NbdfuseTarget(self), QcowfuseTarget(self), OverlayTarget(self))}
         self.pids: set[int] = set()      # daemons alive, for the last-resort sweep
         self.tarball: Path | None = None
         self.tar_files = 0
@@ -654,6 +669,8 @@ class Bench:
 
     def prefill(self, target: Target, image: Path) -> None:
         """Allocate the whole region through the target; unmounting drops the FUSE cache."""
+        if isinstance(target, OverlayTarget):
+            target = self.targets["qcowfuse"]  # fill the image itself
         with target.attached(image) as a:
             fio(a.path, ("--rw=write", "--bs=1M", "--end_fsync=1"), self.cfg.size, None, False,
                 self.workdir / "prefill.json")
@@ -831,7 +848,7 @@ def fmt(v: float | None, unit: str = "") -> str:
 
 
 RATIO_COLUMNS = (("qsd", "qcowfuse/qsd"), ("passthrough", "qcowfuse/passthrough"),
-                 ("nbdfuse", "qcowfuse/nbdfuse"))
+                 ("nbdfuse", "qcowfuse/nbdfuse"), ("overlay", "qcowfuse/overlay"))
 
 
 def table(results: list[JobResult]) -> list[str]:

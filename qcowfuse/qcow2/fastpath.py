@@ -44,9 +44,10 @@ ReadFn = Callable[[int, int], "bytes | bytearray"]
 WriteFn = Callable[[int, "bytes | memoryview"], int]
 
 UNHANDLED = -1  # _host: take the general path
+BELOW = -2  # _host, for a read: nothing of the range is in this layer; the layer below has it all
 # _host, for a write: FRESH_AT - i says entry i of the L2 table _host just used (the L2
 # cache's most recent table, img.l2.mru) is a cluster in `fresh`
-FRESH_AT = -2
+FRESH_AT = -3
 
 
 class FastPath:
@@ -62,6 +63,8 @@ class FastPath:
         # L2 entries of clusters that read as zeros and hold no host cluster
         self.fresh = frozenset(([0] if img.backing is None else [])
                                + ([QCOW_OFLAG_ZERO] if img.version >= 3 else []))
+        # reads of what this layer does not hold go straight below, inside its size
+        self.below_size = img.backing.size if img.backing is not None else -1
 
     def _host(self, offset: int, length: int, for_write: bool) -> int:
         """Host offset of guest [offset, offset+length), or UNHANDLED when not a fast case: the
@@ -69,7 +72,9 @@ class FastPath:
         before plus a cluster with the same flags (one host extent, as a sequential
         writer leaves them), so one pread or pwrite serves it.  For a write into one
         cluster that reads as zeros without a host cluster: FRESH_AT - its L2 index
-        (the table is then the L2 cache's most recently used one)."""
+        (the table is then the L2 cache's most recently used one).  For a read of a
+        range this layer holds nothing of (no L2 table, or unallocated entries) inside
+        the layer below: BELOW."""
         img = self.img
         in_cl = offset & self.in_cluster
         if offset < 0 or length <= 0 or offset + length > img.size:
@@ -83,6 +88,8 @@ class FastPath:
         if for_write and not l1e & QCOW_OFLAG_COPIED:
             return UNHANDLED  # the L2 table is shared: copy it first (general path)
         l2_offset = l1e & L1E_OFFSET_MASK
+        if not l2_offset:  # no L2 table: the whole span reads from below (or as zeros)
+            return BELOW if not for_write and offset + length <= self.below_size else UNHANDLED
         cache = img.l2
         table = cache.mru if l2_offset == cache.mru_offset else cache.peek(l2_offset)
         if table is None:
@@ -90,8 +97,10 @@ class FastPath:
         entry = table[i]
         host = entry & L2E_OFFSET_MASK
         if not host or entry & self.special or host & self.in_cluster:
-            if for_write and not more and entry in self.fresh:
-                return FRESH_AT - i
+            if for_write:
+                return FRESH_AT - i if not more and entry in self.fresh else UNHANDLED
+            if entry == 0 and offset + length <= self.below_size and not any(table[i + 1:i + more + 1]):
+                return BELOW
             return UNHANDLED
         if for_write and not entry & QCOW_OFLAG_COPIED:
             return UNHANDLED  # maybe shared with a snapshot: the general path decides
@@ -118,6 +127,7 @@ class FastPath:
         write_checked = img.write_checked
         reads = self.reads
         pread = os.pread
+        below = img.backing.unlocked_read() if img.backing is not None else read
 
         def read_unlocked(offset: int, length: int) -> bytes | bytearray:
             f = img.f
@@ -129,6 +139,8 @@ class FastPath:
                     # range): whole, and not reaching into the file's preallocated hole
                     if len(data) == length and (f.file_end <= f.data_end or host + length <= f.data_end):
                         return data
+                elif host == BELOW:
+                    return below(offset, length)
             return read(offset, length)
 
         def write_unlocked(offset: int, data: bytes | memoryview) -> int:
@@ -140,12 +152,14 @@ class FastPath:
 
         return read_unlocked, write_unlocked
 
-    def read(self, offset: int, length: int) -> bytes | None:
+    def read(self, offset: int, length: int) -> bytes | bytearray | None:
         if not self.reads:
             return None
         img = self.img
         with img.lock:
             host = self._host(offset, length, False)
+            if host == BELOW and img.backing is not None:
+                return img.backing.read(offset, length)
             return img.f.pread(host, length) if host >= 0 else None
 
     def write(self, offset: int, view: bytes | memoryview) -> bool:
@@ -161,7 +175,7 @@ class FastPath:
         length = len(view)
         host = self._host(offset, length, True)
         if host < 0:
-            return host != UNHANDLED and self._write_fresh(offset, view, FRESH_AT - host)
+            return host <= FRESH_AT and self._write_fresh(offset, view, FRESH_AT - host)
         if not img.data_target_ok(host >> self.cluster_bits, (host + length - 1) >> self.cluster_bits):
             return False  # the general path's check_data_target refuses it
         img.commit_range(offset, length)

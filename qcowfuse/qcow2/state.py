@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import array
 import threading
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Callable, Protocol
 
 if TYPE_CHECKING:
     from ..hostfile import HostFile
@@ -25,6 +25,9 @@ class Layer(Protocol):
     size: int
 
     def read(self, offset: int, length: int) -> bytes | bytearray: ...
+    def unlocked_read(self) -> Callable[[int, int], bytes | bytearray]:
+        """`read` for a caller that uses the layer from one thread only (may be faster)."""
+        ...
     def close(self) -> None: ...
 
 
