@@ -865,7 +865,7 @@ def table(results: list[JobResult]) -> list[str]:
     return lines
 
 
-DAEMONS = ("passthrough", "qsd", "nbdfuse", "qcowfuse")
+DAEMONS = ("passthrough", "qsd", "nbdfuse", "qcowfuse", "overlay")
 
 
 def resources(results: list[JobResult]) -> list[str]:
