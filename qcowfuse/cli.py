@@ -121,6 +121,8 @@ def parse_mount_options(values: list[str], opts: MountOptions) -> None:
                 opts.l2_cache_size = parse_size(arg)
             elif name in ("refcount-cache-size", "refcount_cache_size") and arg:
                 opts.refcount_cache_size = parse_size(arg)
+            elif name == "partitions" and arg in ("on", "off"):
+                opts.partitions = arg == "on"
             elif name == "overlay":
                 opts.overlay, opts.overlay_path = True, arg or None
             elif name in ("io_uring", "io-uring"):
@@ -146,6 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "direct_io, force-share (with ro: no image locks, like qemu-img -U), "
                         "overlay (writes go to a throwaway overlay in $TMPDIR; the image is only "
                         "read), overlay=PATH (the overlay kept at PATH), "
+                        "partitions=off (a directory mount shows only the disk file, no "
+                        "<name>-pN.raw per partition), "
                         "snapshot=NAME (an internal snapshot, read-only), "
                         "backing=off (open no backing file: what the image lacks reads as zeros; "
                         "with ro) or backing=PATH (use PATH, which may be a block device, instead of "

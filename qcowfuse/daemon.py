@@ -45,6 +45,7 @@ class MountOptions:
     backing: str | None = None  # "off", or a path overriding the header's backing file
     overlay: bool = False  # writes go to an overlay; the image is opened read-only
     overlay_path: str | None = None  # keep the overlay here (None: throwaway)
+    partitions: bool = True  # a directory mount shows a file per partition too
     extra_fuse_options: list[str] = field(default_factory=list)
 
 
@@ -259,7 +260,8 @@ def serve(image: Image, opts: MountOptions, target: MountTarget, ready_fd: int |
     if opts.overlay:
         from .overlay import image_file_fd
         shown_fd = image_file_fd(image)
-    ops = RawFileOperations(image, shown_fd, target.file_name, direct_io=opts.direct_io)
+    ops = RawFileOperations(image, shown_fd, target.file_name, direct_io=opts.direct_io,
+                            partitions=opts.partitions)
     fuse_options = set(pyfuse3.default_options)
     # The kernel checks the owner and mode the view shows (the image file's): without
     # this, allow_other would open the raw file to every user.

@@ -1,7 +1,14 @@
 """pyfuse3 operations for one raw file backed by an `Image`-like object.
 
 Two shapes: mounted over a regular file, the root inode *is* the raw file;
-mounted on a directory, the root holds exactly one file, `<name>`.
+mounted on a directory, the root holds the disk file `<stem>.raw` and, unless turned
+off, one file per partition of the guest disk, `<stem>-p<N>.raw` (partitions.py):
+a window on the disk at the partition's offset, as long as the partition.  The table
+is read again when a handle of the disk file that wrote is flushed or closed (as
+BLKRRPART after a partitioner closes the device), but not while a partition file is
+open (the kernel refuses to re-read a table in use): then once the last one closes.
+Partition files drop their cached pages at each open; after one that wrote is closed,
+the disk file's cached pages are dropped too.
 
 Handlers call the engine inline (no thread hop: measured ~60x the cost of a
 page-cached pread here), so requests run one at a time and the engine's
@@ -25,6 +32,7 @@ from dataclasses import dataclass
 from typing import Callable, Protocol
 
 import pyfuse3
+import trio
 
 from .errors import CorruptError, QcowError, ReadOnlyError, ResizeError
 
@@ -49,6 +57,13 @@ def directory_permissions(file_perm: int) -> int:
     return readers | readers >> 2
 
 
+@dataclass(frozen=True)
+class Window:
+    """What a partition file shows of the disk."""
+    start: int
+    length: int
+
+
 @dataclass
 class _Shown:
     """What chmod/chown set on one inode of the view (None: follow the image file)."""
@@ -71,8 +86,9 @@ class BlockImage(Protocol):
 
 class RawFileOperations(pyfuse3.Operations):
     def __init__(self, image: BlockImage, host_fd: int, file_name: str | None,
-                 direct_io: bool = False) -> None:
-        """file_name None: the mount point is a file and the root inode is the raw file."""
+                 direct_io: bool = False, partitions: bool = True) -> None:
+        """file_name None: the mount point is a file and the root inode is the raw file;
+        partitions: show partition files beside it (in a directory only)."""
         super().__init__()
         self.image = image
         # read and write without the image's lock: this daemon's handlers run on one thread
@@ -85,6 +101,14 @@ class RawFileOperations(pyfuse3.Operations):
         # open file handles -> opened for writing (close() of one flushes the image)
         self.handles: dict[int, bool] = {}
         self.next_handle = 1
+        # partition files: inode -> window, name -> inode; open handles -> their window
+        self.partitions = partitions and file_name is not None
+        self.windows: dict[int, Window] = {}
+        self.partition_names: dict[bytes, int] = {}
+        self.handle_windows: dict[int, Window] = {}
+        self.table_stale = False
+        if self.partitions:
+            self._read_table()
         # Times of the raw file (see _times).  FUSE's auto_inval_data drops every cached
         # page of a file whose mtime (or size) it sees change in getattr: an mtime that
         # followed the image file would cost the whole page cache on each small write.
@@ -105,11 +129,42 @@ class RawFileOperations(pyfuse3.Operations):
             return (*self.mount_times, host.st_ctime_ns)
         return host.st_atime_ns, host.st_mtime_ns, host.st_ctime_ns
 
+    # -- partitions --------------------------------------------------------------
+
+    def _read_table(self) -> None:
+        from .partitions import read_partitions
+        try:
+            found = read_partitions(self.image.read, self.image.size)
+        except (QcowError, OSError) as e:
+            log.error("the partition table cannot be read: %s", e)
+            found = []
+        assert self.file_name is not None
+        stem = self.file_name.removesuffix(b".raw")
+        self.windows = {FILE_INODE_IN_DIR + p.number: Window(p.start, p.length) for p in found}
+        self.partition_names = {stem + b"-p%d.raw" % p.number: FILE_INODE_IN_DIR + p.number
+                                for p in found}
+        for inode in self.windows:
+            self.shown.setdefault(inode, _Shown())
+        self.table_stale = False
+
+    def _table_changed(self) -> None:
+        """The disk was written through its own file: read the table again, now or once
+        no partition file is open."""
+        if self.partitions:
+            self.table_stale = True
+            if not self.handle_windows:
+                self._read_table()
+
     def _attrs(self, inode: int) -> pyfuse3.EntryAttributes:
         host = os.fstat(self.host_fd)
         shown = self.shown.get(inode)
-        if shown is None:
+        if shown is None or inode > FILE_INODE_IN_DIR and inode not in self.windows:
             raise pyfuse3.FUSEError(errno.ENOENT)
+        window = self.windows.get(inode)
+        if window is not None:  # a partition file: as the disk file shows, unless changed
+            disk = self.shown[self.file_inode]
+            shown = _Shown(*(mine if mine is not None else theirs for mine, theirs in
+                             ((shown.perm, disk.perm), (shown.uid, disk.uid), (shown.gid, disk.gid))))
         a = pyfuse3.EntryAttributes()
         a.st_ino = inode
         a.st_uid = host.st_uid if shown.uid is None else shown.uid
@@ -124,6 +179,12 @@ class RawFileOperations(pyfuse3.Operations):
             a.st_nlink = 1
             a.st_size = self.image.size
             a.st_blocks = host.st_blocks
+        elif window is not None:
+            a.st_mode = stat.S_IFREG | (perm if shown.perm is None else shown.perm)
+            a.st_nlink = 1
+            a.st_size = window.length
+            a.st_blocks = 0
+            a.entry_timeout = a.attr_timeout = 1.0  # the table may change under it
         else:
             a.st_mode = stat.S_IFDIR | (directory_permissions(perm) if shown.perm is None else shown.perm)
             a.st_nlink = 2
@@ -138,6 +199,9 @@ class RawFileOperations(pyfuse3.Operations):
                       fh: int | None, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         if fields.update_size and inode == self.file_inode and attr.st_size != self.image.size:
             self._resize(attr.st_size)
+            self._table_changed()
+        elif fields.update_size and inode in self.windows and attr.st_size != self.windows[inode].length:
+            raise pyfuse3.FUSEError(errno.EPERM)  # a partition's size is the table's
         shown = self.shown.get(inode)
         if shown is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
@@ -169,8 +233,12 @@ class RawFileOperations(pyfuse3.Operations):
             raise _errno_for(e, "resize", 0, new_size) from None
 
     async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        if parent_inode == pyfuse3.ROOT_INODE and self.file_name is not None and name == self.file_name:
-            return self._attrs(self.file_inode)
+        if parent_inode == pyfuse3.ROOT_INODE and self.file_name is not None:
+            if name == self.file_name:
+                return self._attrs(self.file_inode)
+            inode = self.partition_names.get(name)
+            if inode is not None:
+                return self._attrs(inode)
         raise pyfuse3.FUSEError(errno.ENOENT)
 
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
@@ -179,8 +247,14 @@ class RawFileOperations(pyfuse3.Operations):
         return inode
 
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
-        if start_id == 0 and self.file_name is not None:
-            pyfuse3.readdir_reply(token, self.file_name, self._attrs(self.file_inode), 1)
+        if self.file_name is None:
+            return
+        entries = [(self.file_name, self.file_inode)] + sorted(
+            self.partition_names.items(), key=lambda item: item[1])
+        for i in range(start_id, len(entries)):
+            name, inode = entries[i]
+            if not pyfuse3.readdir_reply(token, name, self._attrs(inode), i + 1):
+                break
 
     async def releasedir(self, fh: int) -> None:
         pass
@@ -197,29 +271,41 @@ class RawFileOperations(pyfuse3.Operations):
     # -- data ---------------------------------------------------------------
 
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
-        if inode != self.file_inode:
+        window = self.windows.get(inode)
+        if inode != self.file_inode and window is None:
             raise pyfuse3.FUSEError(errno.EISDIR if inode == pyfuse3.ROOT_INODE else errno.ENOENT)
         writing = flags & os.O_ACCMODE != os.O_RDONLY
         if writing and not self.image.writable:
             raise pyfuse3.FUSEError(errno.EROFS)
         fh, self.next_handle = self.next_handle, self.next_handle + 1
         self.handles[fh] = writing
-        return pyfuse3.FileInfo(fh=fh, direct_io=self.direct_io, keep_cache=True)
+        if window is not None:
+            self.handle_windows[fh] = window
+        return pyfuse3.FileInfo(fh=fh, direct_io=self.direct_io, keep_cache=window is None)
 
     async def read(self, fh: int, off: int, size: int) -> bytes | bytearray:  # type: ignore[override]
         # (pyfuse3's stub says bytes; any buffer is sent as it is)
+        window = self.handle_windows.get(fh)
+        if window is not None:  # a partition file: its part of the disk, nothing past it
+            if off >= window.length:
+                return b""
+            size = min(size, window.length - off)
+            off += window.start
         try:
             return self._read(off, size)
         except (QcowError, OSError) as e:
             raise _errno_for(e, "read", off, size) from None
 
     async def write(self, fh: int, off: int, buf: bytes) -> int:
-        if off + len(buf) > self.image.size:
-            if off >= self.image.size:
+        window = self.handle_windows.get(fh)
+        start, end = (0, self.image.size) if window is None else (window.start, window.length)
+        if off + len(buf) > end:
+            if off >= end:
                 raise pyfuse3.FUSEError(errno.ENOSPC)
-            data: memoryview | bytes = memoryview(buf)[: self.image.size - off]  # short write
+            data: memoryview | bytes = memoryview(buf)[: end - off]  # short write up to the end
         else:
             data = buf
+        off += start
         try:
             return self._write(off, data)
         except (QcowError, OSError) as e:
@@ -233,15 +319,31 @@ class RawFileOperations(pyfuse3.Operations):
 
     async def fsync(self, fh: int, datasync: bool) -> None:
         await self._flush()
+        if self.handles.get(fh) and fh not in self.handle_windows:
+            self._table_changed()
 
     async def flush(self, fh: int) -> None:
         """close(2): what was written through this handle is flushed; closing a handle
         opened for reading has nothing to make durable (and cannot fail)."""
         if self.handles.get(fh, True):
             await self._flush()
+            if fh not in self.handle_windows:
+                self._table_changed()
 
     async def release(self, fh: int) -> None:
-        self.handles.pop(fh, None)
+        writing = self.handles.pop(fh, False)
+        if self.handle_windows.pop(fh, None) is not None:
+            if writing:  # the disk file's cached pages may hold what this one changed
+                await trio.to_thread.run_sync(_drop_cached_pages, self.file_inode)
+            if self.table_stale and not self.handle_windows:
+                self._read_table()
+
+
+def _drop_cached_pages(inode: int) -> None:
+    try:
+        pyfuse3.invalidate_inode(inode, attr_only=False)
+    except OSError:
+        pass  # nothing cached
 
 
 def _errno_for(e: QcowError | OSError, op: str, off: int, size: int) -> pyfuse3.FUSEError:

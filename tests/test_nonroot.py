@@ -124,6 +124,25 @@ def nobody(qcowfuse_bin) -> Iterator[Nobody]:
         shutil.rmtree(root, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def nobody_mounted(nobody: Nobody, qcowfuse_bin: Path, img: Path, mp: Path,
+                   *options: str) -> Iterator[int]:
+    """nobody mounts img on mp (yields the daemon's pid) and, at the end, unmounts it
+    with fusermount3 -u and the daemon exits; whatever is left is torn down."""
+    pidfile = nobody.dir / "qcowfuse.pid"
+    r = nobody.run(qcowfuse_bin, *options, img, mp, "--pidfile", pidfile)
+    assert r.returncode == 0, r.stderr.decode()
+    pid = int(pidfile.read_text())
+    try:
+        yield pid
+        r = nobody.run("fusermount3", "-u", mp)
+        assert r.returncode == 0, r.stderr.decode()
+        wait_exit([pid])
+    finally:
+        force_unmount(mp)
+        kill_holders(img)
+
+
 def nobody_image(nobody, size: int, *qemu_io_commands: str) -> Path:
     """A qcow2 image in nobody's directory, owned by nobody."""
     img = nobody.dir / "disk.qcow2"
@@ -139,13 +158,9 @@ def test_nobody_mounts_reads_writes_unmounts(nobody, qcowfuse_bin):
     size = 16 << 20
     img = nobody_image(nobody, size, "write -P 0x2e 0 64k")
     mp = nobody.file("raw")
-    pidfile = nobody.dir / "qcowfuse.pid"
     data = nobody.file("data", b"\xa5" * (256 << 10))
 
-    r = nobody.run(qcowfuse_bin, img, mp, "--pidfile", pidfile)
-    assert r.returncode == 0, r.stderr.decode()
-    pid = int(pidfile.read_text())
-    try:
+    with nobody_mounted(nobody, qcowfuse_bin, img, mp) as pid:
         fstype, options = mount_entry(mp)
         assert fstype == "fuse.qcowfuse" and f"user_id={NOBODY}" in options, options
         status = Path(f"/proc/{pid}/status").read_text()
@@ -163,13 +178,6 @@ def test_nobody_mounts_reads_writes_unmounts(nobody, qcowfuse_bin):
         assert r.returncode == 0, r.stderr.decode()
         assert r.stdout[:65536] == b"\x2e" * 65536
         assert r.stdout[1 << 20:(1 << 20) + (256 << 10)] == data.read_bytes()
-
-        r = nobody.run("fusermount3", "-u", mp)
-        assert r.returncode == 0, r.stderr.decode()
-        wait_exit([pid])
-    finally:
-        force_unmount(mp)
-        kill_holders(img)
     assert mount_entry(mp) is None
     assert img.stat().st_uid == NOBODY
     qemu.assert_clean(img)
@@ -202,22 +210,12 @@ def test_nobody_allow_other_with_user_allow_other(nobody, qcowfuse_bin):
     size = 8 << 20
     img = nobody_image(nobody, size, "write -P 0x71 0 4k")
     mp = nobody.file("raw")
-    pidfile = nobody.dir / "qcowfuse.pid"
-    with fuse_conf(user_allow_other=True):
-        r = nobody.run(qcowfuse_bin, "-o", "allow_other", img, mp, "--pidfile", pidfile)
-    assert r.returncode == 0, r.stderr.decode()
-    pid = int(pidfile.read_text())
-    try:
+    with fuse_conf(user_allow_other=True), \
+            nobody_mounted(nobody, qcowfuse_bin, img, mp, "-o", "allow_other"):
         assert "allow_other" in mount_entry(mp)[1]
         assert os.stat(mp).st_size == size  # another user (root) gets in now
         with open(mp, "rb") as fh:
             assert fh.read(4096) == b"\x71" * 4096
-        r = nobody.run("fusermount3", "-u", mp)
-        assert r.returncode == 0, r.stderr.decode()
-        wait_exit([pid])
-    finally:
-        force_unmount(mp)
-        kill_holders(img)
     qemu.assert_clean(img)
 
 
@@ -236,3 +234,33 @@ def test_nobody_without_access_to_dev_fuse(nobody, qcowfuse_bin):
     print(f"qcowfuse said (exit {r.returncode}): {err!r}")
     assert_one_line_error(r.returncode, err, "/dev/fuse")
     assert not mp.exists()
+
+
+@pytest.mark.root
+def test_nobody_checks_a_partition_without_root(nobody, qcowfuse_bin, tmp_path):
+    """Partition files need no losetup: nobody mounts a partitioned disk in a directory
+    of its own and runs e2fsck -fn on a partition file; no root anywhere."""
+    raw = tmp_path / "disk.raw"
+    with open(raw, "wb") as fh:
+        fh.truncate(64 << 20)
+    subprocess.run(["sfdisk", "-q", str(raw)], input=b"label: gpt\nsize=16M\nsize=16M\n",
+                   check=True, capture_output=True)
+    part = tmp_path / "p1.raw"
+    with open(part, "wb") as fh:
+        fh.truncate(16 << 20)
+    subprocess.run(["mkfs.ext4", "-q", "-F", str(part)], check=True, capture_output=True)
+    data = bytearray(raw.read_bytes())
+    data[1 << 20:17 << 20] = part.read_bytes()
+    raw.write_bytes(data)
+    img = nobody.dir / "disk.qcow2"
+    qemu.run("qemu-img", "convert", "-q", "-f", "raw", "-O", "qcow2", str(raw), str(img))
+    os.chown(img, NOBODY, NOBODY)
+    mp = nobody.dir / "d"
+    mp.mkdir()
+    os.chown(mp, NOBODY, NOBODY)
+    with nobody_mounted(nobody, qcowfuse_bin, img, mp):
+        r = nobody.run("ls", mp)
+        assert r.stdout.decode().split() == ["disk-p1.raw", "disk-p2.raw", "disk.raw"], r.stderr
+        r = nobody.run("e2fsck", "-fn", mp / "disk-p1.raw")
+        assert r.returncode == 0, (r.stdout + r.stderr).decode()
+    qemu.assert_clean(img)
