@@ -140,7 +140,9 @@ def test_progress_only_on_a_terminal_after_a_second(monkeypatch):
     bar.done()
     assert out.getvalue().endswith("\r")
     monkeypatch.setattr(progress.sys.stderr, "isatty", lambda: True, raising=False)
-    assert cli._progress("json", "mapping") is None
-    assert cli._progress("human", "mapping") is not None
+    for output, label, shown in (("json", "mapping", False), ("human", "mapping", True)):
+        with cli._progress(output, label) as bar:
+            assert (bar is not None) == shown
     monkeypatch.setattr(progress.sys.stderr, "isatty", lambda: False, raising=False)
-    assert cli._progress("human", "mapping") is None
+    with cli._progress("human", "mapping") as bar:
+        assert bar is None
