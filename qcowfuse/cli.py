@@ -123,6 +123,8 @@ def parse_mount_options(values: list[str], opts: MountOptions) -> None:
                 opts.refcount_cache_size = parse_size(arg)
             elif name == "partitions" and arg in ("on", "off"):
                 opts.partitions = arg == "on"
+            elif name in ("key-file", "key_file") and arg:
+                opts.key_file = arg
             elif name == "overlay":
                 opts.overlay, opts.overlay_path = True, arg or None
             elif name in ("io_uring", "io-uring"):
@@ -150,6 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "read), overlay=PATH (the overlay kept at PATH), "
                         "partitions=off (a directory mount shows only the disk file, no "
                         "<name>-pN.raw per partition), "
+                        "key-file=PATH (the passphrase of a LUKS-encrypted image: the file's "
+                        "bytes exactly; on a terminal it is asked for otherwise), "
                         "snapshot=NAME (an internal snapshot, read-only), "
                         "backing=off (open no backing file: what the image lacks reads as zeros; "
                         "with ro) or backing=PATH (use PATH, which may be a block device, instead of "
@@ -217,6 +221,12 @@ def info_main(argv: list[str]) -> int:
     for b in info["bitmaps"]:
         print(f"bitmap: {b['name']} granularity {b['granularity']} flags {','.join(b['flags']) or '-'}")
     print(f"dirty: {'yes' if info['dirty'] else 'no'}, corrupt: {'yes' if info['corrupt'] else 'no'}")
+    if info["encrypted"]:
+        enc = info.get("encrypt", {})
+        print("encrypted: yes" + (f" ({enc['format']}, {enc['cipher-alg']}-{enc['cipher-mode']}-"
+                                    f"{enc['ivgen-alg']}, hash {enc['hash-alg']}, "
+                                    f"{sum(s['active'] for s in enc['slots'])} active key slots)"
+                                    if enc else ""))
     return 0
 
 
@@ -274,7 +284,7 @@ def map_main(argv: list[str]) -> int:
     from .image import Image
     from .mapping import image_map
     with _progress(args.output, "mapping") as progress, \
-            Image.open(args.image, writable=False, lock=False) as img:
+            Image.open(args.image, writable=False, lock=False, metadata_only=True) as img:
         extents = image_map(img, progress)
         names = []
         layer: Any = img  # an Image or a raw backing layer
@@ -294,7 +304,7 @@ def map_main(argv: list[str]) -> int:
 def _bitmap_map(path: str, name: str, output: str) -> int:
     """Changed-block tracking for backup tools: which guest ranges a bitmap marks dirty."""
     from .image import Image
-    with Image.open(path, writable=False, lock=False) as img:
+    with Image.open(path, writable=False, lock=False, metadata_only=True) as img:
         if img.bitmaps is None:
             raise QcowError(f"{path} has no persistent bitmaps")
         bm = img.bitmaps.find(name)

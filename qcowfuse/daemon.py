@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from .errors import QcowError
+from .errors import NeedsPassphrase, QcowError
 from .image import DEFAULT_L2_CACHE_BYTES, DEFAULT_REFCOUNT_CACHE_BYTES, Image
 from .notify import sd_notify
 
@@ -46,6 +46,7 @@ class MountOptions:
     overlay: bool = False  # writes go to an overlay; the image is opened read-only
     overlay_path: str | None = None  # keep the overlay here (None: throwaway)
     partitions: bool = True  # a directory mount shows a file per partition too
+    key_file: str | None = None  # the passphrase of an encrypted image, as its bytes
     extra_fuse_options: list[str] = field(default_factory=list)
 
 
@@ -143,17 +144,17 @@ def mount(opts: MountOptions) -> int:
         opts.read_only = True  # a snapshot is never changed
     if opts.pidfile:
         opts.pidfile = os.path.abspath(opts.pidfile)  # the daemon chdirs to / before writing it
-    if opts.overlay:
-        from .overlay import open_overlay
-        image = open_overlay(image_path, opts.overlay_path, lock=not opts.force_share,
-                             snapshot=opts.snapshot, backing=opts.backing,
-                             detect_zeroes=opts.detect_zeroes, l2_cache_bytes=opts.l2_cache_size,
-                             refcount_cache_bytes=opts.refcount_cache_size)
-    else:
-        image = Image.open(image_path, writable=not opts.read_only, lock=not opts.force_share,
-                           backing=opts.backing, snapshot=opts.snapshot,
-                           detect_zeroes=opts.detect_zeroes, l2_cache_bytes=opts.l2_cache_size,
-                           refcount_cache_bytes=opts.refcount_cache_size)
+    passphrase = read_passphrase(opts.key_file) if opts.key_file else None
+    try:
+        image = _open(image_path, opts, passphrase)
+    except NeedsPassphrase:
+        if opts.key_file or not sys.stdin.isatty():
+            raise MountError(f"{opts.image} is LUKS-encrypted: give its passphrase with "
+                             f"-o key-file=PATH (or run on a terminal to be asked)") from None
+        import getpass
+        passphrase = getpass.getpass(f"Passphrase for {opts.image}: ").encode()
+        image = _open(image_path, opts, passphrase)
+    del passphrase
     target = None
     try:
         target = prepare_mountpoint(opts.mountpoint, image_path)
@@ -165,6 +166,31 @@ def mount(opts: MountOptions) -> int:
         if target is not None and target.created:
             _remove_quietly(target.path)
         raise
+
+
+def read_passphrase(path: str) -> bytes:
+    """The bytes of a key file, exactly (as QEMU's --object secret,file= reads them)."""
+    try:
+        with open(path, "rb") as fh:
+            return fh.read()
+    except OSError as e:
+        raise MountError(f"key-file {path}: {e.strerror}") from None
+
+
+def _open(image_path: str, opts: MountOptions, passphrase: bytes | None) -> Image:
+    if opts.overlay:
+        if passphrase is not None:
+            raise MountError("-o overlay over an encrypted image would write its plaintext to "
+                             "$TMPDIR: not supported")
+        from .overlay import open_overlay
+        return open_overlay(image_path, opts.overlay_path, lock=not opts.force_share,
+                            snapshot=opts.snapshot, backing=opts.backing,
+                            detect_zeroes=opts.detect_zeroes, l2_cache_bytes=opts.l2_cache_size,
+                            refcount_cache_bytes=opts.refcount_cache_size)
+    return Image.open(image_path, writable=not opts.read_only, lock=not opts.force_share,
+                      backing=opts.backing, snapshot=opts.snapshot,
+                      detect_zeroes=opts.detect_zeroes, l2_cache_bytes=opts.l2_cache_size,
+                      refcount_cache_bytes=opts.refcount_cache_size, passphrase=passphrase)
 
 
 def _remove_quietly(path: str) -> None:

@@ -19,6 +19,10 @@ class UnsupportedError(QcowError):
     """A valid image that uses a feature qcowfuse does not implement (yet)."""
 
 
+class NeedsPassphrase(UnsupportedError):
+    """An encrypted image opened to read or write data without its passphrase."""
+
+
 class CorruptError(QcowError):
     """Metadata met at run time points somewhere it must not (EIO for that range)."""
 

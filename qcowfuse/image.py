@@ -13,14 +13,15 @@ import threading
 from typing import Any
 
 from .backing import Layer, file_identity, open_backing
-from .errors import FormatError, QcowError, UnsupportedError
+from .errors import FormatError, NeedsPassphrase, QcowError, UnsupportedError
 from .hostfile import HostFile
 from .locking import lock_image
 from .qcow2.allocator import Allocator
 from .qcow2.bitmaps import Bitmaps
 from .qcow2.fastpath import FastPath, ReadFn, WriteFn
 from .qcow2.format import decode_table
-from .qcow2.header import CRYPT_NAMES, INCOMPAT_CORRUPT, MAX_CLUSTER_BITS, Header
+from .qcow2.header import CRYPT_AES, CRYPT_NAMES, INCOMPAT_CORRUPT, MAX_CLUSTER_BITS, Header
+from .qcow2.luks import LuksHeader, SectorCipher, open_luks
 from .qcow2.integrity import Integrity
 from .qcow2.reading import ReadPath
 from .qcow2.refcounts import RefcountStore
@@ -49,8 +50,19 @@ class Image(ReadPath, WritePath, Integrity):
     def __init__(self, f: HostFile, header: Header, writable: bool, backing: Layer | None = None,
                  snapshot: str | None = None, repair: bool = False, detect_zeroes: str = "off",
                  l2_cache_bytes: int = DEFAULT_L2_CACHE_BYTES,
-                 refcount_cache_bytes: int = DEFAULT_REFCOUNT_CACHE_BYTES) -> None:
+                 refcount_cache_bytes: int = DEFAULT_REFCOUNT_CACHE_BYTES,
+                 passphrase: bytes | None = None, metadata_only: bool = False) -> None:
+        """passphrase: of a LUKS-encrypted image (never logged, never in a message);
+        metadata_only: the caller reads no guest data (info, map), so an encrypted image
+        opens without it."""
         self._refuse_unsupported(header, writable and not repair, for_check=repair)
+        self.luks: LuksHeader | None = None
+        self.crypto: SectorCipher | None = None
+        if header.crypt_method and passphrase is not None:
+            self.luks, self.crypto = open_luks(f, header, passphrase)
+        elif header.crypt_method and not (repair or metadata_only):
+            raise NeedsPassphrase(f"{f.path} is encrypted ({CRYPT_NAMES[header.crypt_method]}): "
+                                  f"give its passphrase with -o key-file=PATH")
         self.f = f
         self.header = header
         self.writable = writable
@@ -168,9 +180,9 @@ class Image(ReadPath, WritePath, Integrity):
 
     @staticmethod
     def _refuse_unsupported(h: Header, writable: bool, for_check: bool) -> None:
-        if h.crypt_method and not for_check:  # check needs no key: metadata is not encrypted
-            raise UnsupportedError(f"encrypted images are not supported ({CRYPT_NAMES[h.crypt_method]}); "
-                                   f"'qcowfuse check' can still check and repair their refcounts")
+        if h.crypt_method == CRYPT_AES:
+            raise UnsupportedError("the legacy AES encryption of qcow2 (crypt_method 1) is not "
+                                   "supported: it is insecure, and QEMU no longer writes it")
         if writable and h.incompatible_features & INCOMPAT_CORRUPT:
             raise UnsupportedError("image is marked corrupt: mount it read-only (-o ro), or repair it "
                                    "with 'qcowfuse check --repair all' first")

@@ -9,7 +9,8 @@ from typing import Any
 from .backing import RawLayer
 from .image import Image
 from .progress import Progress
-from .qcow2.header import INCOMPAT_CORRUPT, INCOMPAT_DIRTY
+from .qcow2.header import CRYPT_LUKS, INCOMPAT_CORRUPT, INCOMPAT_DIRTY
+from .qcow2.luks import read_luks_header
 
 
 def _feature_names(img: Image) -> dict[str, list[str]]:
@@ -47,7 +48,7 @@ def image_info(path: str, progress: Progress | None = None, allocated: bool = Fa
     Everything comes from the header, the snapshot table, the bitmap directory and the
     backing chain, as qemu-img info's does; only `allocated-bytes` (asked for with
     `allocated`) reads the L2 tables."""
-    img = Image.open(path, writable=False, lock=False)
+    img = Image.open(path, writable=False, lock=False, metadata_only=True)
     try:
         h = img.header
         st = os.fstat(img.f.fd)
@@ -86,7 +87,10 @@ def image_info(path: str, progress: Progress | None = None, allocated: bool = Fa
             "bitmaps": img.bitmaps.info() if img.bitmaps is not None else [],
             "dirty": bool(h.incompatible_features & INCOMPAT_DIRTY),
             "corrupt": bool(h.incompatible_features & INCOMPAT_CORRUPT),
+            "encrypted": bool(h.crypt_method),
         }
+        if h.crypt_method == CRYPT_LUKS:  # the LUKS header is in the clear: no key needed
+            info["encrypt"] = read_luks_header(img.f, h)[0].describe()
         if allocated:
             info["allocated-bytes"] = allocated_clusters(img, progress) * h.cluster_size
         return info

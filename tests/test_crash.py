@@ -251,6 +251,7 @@ class Scenario:
     detect_zeroes: str = "off"
     backing: Path | None = None
     snapshot: str | None = None  # must read unchanged in every crash image
+    passphrase: bytes | None = None  # LUKS-encrypted (helpers.qemu's secret sec0)
 
 
 def _fill_until(path: Path, stop, step: int) -> int:
@@ -305,6 +306,15 @@ def _scenario(name: str, tmp: Path) -> Scenario:
         qemu.create(p, 2 << 20, 512, 16, "0.10")
         qemu.qemu_io(p, "write -P 0x71 0 8k")
         return Scenario(p, [(700, b"\x72" * 2000), (64 * k, b"\x73" * 1500)])
+    if name == "luks":
+        qemu.run("qemu-img", "create", "-q", "-f", "qcow2", *qemu.LUKS_SECRET, "-o",
+                 "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=20,cluster_size=4096",
+                 str(p), str(4 << 20))
+        with qemu.encrypted():
+            qemu.run("qemu-io", *qemu.image_args(p)[:-1], "-c", "write -P 0xa1 0 64k",
+                     qemu.image_args(p)[-1])
+        return Scenario(p, [(5000, b"\xa2" * 10000), (1 << 20, b"\xa3" * 700)],
+                        passphrase=qemu.LUKS_SECRET[1].rsplit("=", 1)[1].encode())
     if name == "extl2":
         qemu.create(p, 4 << 20, 16384, 16, extra="extended_l2=on")
         qemu.qemu_io(p, "write -P 0x81 0 16k")
@@ -342,7 +352,7 @@ def _scenario(name: str, tmp: Path) -> Scenario:
 
 
 FLUSH_STEP_SCENARIOS = ["fresh", "inplace", "zero-alloc-reuse", "cow-backing", "compressed",
-                        "snapshot", "unmap", "on", "v2", "extl2", "refblock-own",
+                        "snapshot", "unmap", "on", "v2", "extl2", "luks", "refblock-own",
                         "refblock-other", "refblock-pair", "reftable-grow",
                         "reftable-grow-new-block"]
 
@@ -350,6 +360,11 @@ FLUSH_STEP_SCENARIOS = ["fresh", "inplace", "zero-alloc-reuse", "cow-backing", "
 @pytest.mark.parametrize("name", FLUSH_STEP_SCENARIOS)
 def test_power_cut_inside_every_flush_step(tmp_path, name):
     sc = _scenario(name, tmp_path)
+    with qemu.encrypted(sc.passphrase is not None):
+        _cut_inside_every_flush_step(tmp_path, name, sc)
+
+
+def _cut_inside_every_flush_step(tmp_path: Path, name: str, sc: Scenario) -> None:
     snap_before = None
     if sc.snapshot:
         snap_before = _snapshot_raw(sc.path, sc.snapshot)
@@ -357,7 +372,8 @@ def test_power_cut_inside_every_flush_step(tmp_path, name):
     guest0 = guest_raw(sc.path)
     rec = RecordingFile(HostFile.open(str(sc.path), True))
     base = Image.open(str(sc.backing), lock=False) if sc.backing else None
-    img = Image.open_file(rec, writable=True, backing=base, detect_zeroes=sc.detect_zeroes)
+    img = Image.open_file(rec, writable=True, backing=base, detect_zeroes=sc.detect_zeroes,
+                          passphrase=sc.passphrase)
     model = bytearray(guest0)
     writes = []
     table_at = img.header.refcount_table_offset

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import array
 
-from ..errors import CorruptError
+from ..errors import CorruptError, NeedsPassphrase
 from .compressed import decompress
 from .format import (
     L1E_OFFSET_MASK, L2E_OFFSET_MASK, QCOW_OFLAG_COMPRESSED, SUBCLUSTER_ZERO_SHIFT, SUBCLUSTERS,
     ClusterType, CompressedDescriptor, classify, plain_data_flags)
+from .luks import SECTOR
 from .state import ImageState
 
 
@@ -43,13 +44,27 @@ class ReadPath(ImageState):
         if off % self.cluster_size:
             raise CorruptError(f"{what} at unaligned host offset {off:#x}")
 
+    def data_pread(self, host: int, length: int) -> bytes:
+        """Guest data at a host offset: the one place encrypted data is decrypted (whole
+        512-byte sectors, as LUKS encrypts them, the IV from the host sector number)."""
+        crypto = self.crypto
+        if crypto is None:
+            if self.header.crypt_method:
+                raise NeedsPassphrase("the image is encrypted and was opened without its passphrase")
+            return self.f.pread(host, length)
+        first = host // SECTOR
+        end = -(-(host + length) // SECTOR)
+        plain = crypto.decrypt(self.f.pread(first * SECTOR, (end - first) * SECTOR), first)
+        skip = host - first * SECTOR
+        return plain[skip:skip + length]
+
     def cluster_content(self, entry: int, guest_cluster: int) -> bytes | bytearray:
         """A guest cluster's whole content given its L2 entry (for copy-on-write)."""
         kind = classify(entry, self.version)
         if kind is ClusterType.NORMAL:
             off = entry & L2E_OFFSET_MASK
             self.host_check(off, "data cluster")
-            return self.f.pread(off, self.cluster_size)
+            return self.data_pread(off, self.cluster_size)
         if kind is ClusterType.COMPRESSED:
             return self._compressed(entry)
         if kind is ClusterType.UNALLOCATED and self.backing is not None:
@@ -91,12 +106,14 @@ class ReadPath(ImageState):
             if not plan:
                 return bytes(length)  # zeros
             if len(plan) == 1 and plan[0][0] is ClusterType.NORMAL and plan[0][3] == length:
-                return self.f.pread(plan[0][1], length)  # one host extent: no extra copy
+                return self.data_pread(plan[0][1], length)  # one host extent: no extra copy
             out = bytearray(length)
             view = memoryview(out)
             for kind, src, pos, n in plan:
-                if kind is ClusterType.NORMAL:
+                if kind is ClusterType.NORMAL and self.crypto is None and not self.header.crypt_method:
                     self.f.pread_into(src, view[pos:pos + n])
+                elif kind is ClusterType.NORMAL:
+                    view[pos:pos + n] = self.data_pread(src, n)
                 elif kind is ClusterType.UNALLOCATED:
                     view[pos:pos + n] = self._backing_read(src, n)
                 else:  # compressed: src is the L2 entry, n bytes from offset pos-in-cluster
@@ -180,7 +197,7 @@ class ReadPath(ImageState):
         for sub in range(start >> sc_bits, ((end - 1) >> sc_bits) + 1):
             a, b = max(start, sub << sc_bits), min(end, (sub + 1) << sc_bits)
             if bitmap >> sub & 1:
-                out[a - start:b - start] = self.f.pread(host + a, b - a)
+                out[a - start:b - start] = self.data_pread(host + a, b - a)
             elif not bitmap >> (SUBCLUSTER_ZERO_SHIFT + sub) & 1 and self.backing is not None:
                 out[a - start:b - start] = self._backing_read(base + a, b - a)
         return bytes(out)

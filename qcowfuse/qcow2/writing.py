@@ -24,10 +24,12 @@ import struct
 
 from ..errors import CorruptError, ReadOnlyError
 from .allocator import cluster_runs
-from .header import AUTOCLEAR_BITMAPS, INCOMPAT_DIRTY, OFF_AUTOCLEAR_FEATURES
 from .format import (
-    L1E_OFFSET_MASK, L2E_OFFSET_MASK, QCOW_OFLAG_COMPRESSED, QCOW_OFLAG_COPIED, SUBCLUSTER_ALLOC_MASK,
-    SUBCLUSTER_ZERO_MASK, SUBCLUSTER_ZERO_SHIFT, ClusterType, CompressedDescriptor, classify)
+    L1E_OFFSET_MASK, L2E_OFFSET_MASK, QCOW_OFLAG_COMPRESSED, QCOW_OFLAG_COPIED,
+    SUBCLUSTER_ALLOC_MASK, SUBCLUSTER_ZERO_MASK, SUBCLUSTER_ZERO_SHIFT, ClusterType,
+    CompressedDescriptor, classify)
+from .header import AUTOCLEAR_BITMAPS, INCOMPAT_DIRTY, OFF_AUTOCLEAR_FEATURES
+from .luks import SECTOR
 from .state import ImageState
 from .zeroes import write_zero_piece
 
@@ -166,7 +168,7 @@ class WritePath(ImageState):
                 self.check_data_target(host >> cb, 1)
                 buf = bytearray(cs)
                 buf[in_cl:in_cl + n] = view[pos:pos + n]
-                self.f.pwrite(host, buf)
+                self.data_pwrite(host, buf)
                 table[l2i] = host | QCOW_OFLAG_COPIED
                 self.l2.mark_dirty(self.active_l2_offset(l1i))
             elif self.in_place(entry):
@@ -182,7 +184,7 @@ class WritePath(ImageState):
                         self.l2.mark_dirty(self.active_l2_offset(l1i))
                 n = min(length - pos, (j - l2i) * cs - in_cl)
                 self.check_data_target(host >> cb, -(-(in_cl + n) // cs))
-                self.f.pwrite(host + in_cl, view[pos:pos + n])
+                self.data_pwrite(host + in_cl, view[pos:pos + n])
             else:
                 j = l2i + 1
                 while j < stop and not self.in_place(table[j]):
@@ -231,7 +233,7 @@ class WritePath(ImageState):
                 self.check_data_target(host >> cb, 1)
                 buf = bytearray(self.subcluster_content(entry, bitmap, g, start, end))
                 buf[in_cl - start:in_cl - start + n] = view[pos:pos + n]
-                self.f.pwrite(host + start, buf)
+                self.data_pwrite(host + start, buf)
                 new_bitmap = (bitmap | touched) & ~(touched << SUBCLUSTER_ZERO_SHIFT)
                 new_host = host
             else:
@@ -240,13 +242,13 @@ class WritePath(ImageState):
                 if compressed or host:  # replace compressed or shared data: copy it whole
                     buf = bytearray(self.subcluster_content(entry, bitmap, g, 0, cs))
                     buf[in_cl:in_cl + n] = view[pos:pos + n]
-                    self.f.pwrite(new_host, buf)
+                    self.data_pwrite(new_host, buf)
                     new_bitmap = SUBCLUSTER_ALLOC_MASK
                     self.release_entry(entry)
                 else:
                     buf = bytearray(self.subcluster_content(entry, bitmap, g, start, end))
                     buf[in_cl - start:in_cl - start + n] = view[pos:pos + n]
-                    self.f.pwrite(new_host + start, buf)
+                    self.data_pwrite(new_host + start, buf)
                     self.f.extend_to(new_host + cs)
                     new_bitmap = (bitmap & ~(touched << SUBCLUSTER_ZERO_SHIFT) & SUBCLUSTER_ZERO_MASK) | touched
             table[idx] = new_host | QCOW_OFLAG_COPIED
@@ -267,7 +269,7 @@ class WritePath(ImageState):
         end = in_cl + len(data)
         total = count * cs
         if in_cl == 0 and end == total:
-            self.f.pwrite(host, data)
+            self.data_pwrite(host, data)
             return
         last = (end - 1) // cs
         head_zero = in_cl == 0 or self.reads_as_zeros(table[l2i])
@@ -281,20 +283,39 @@ class WritePath(ImageState):
         if not tail_zero:
             buf[last * cs:(last + 1) * cs] = self.cluster_content(table[l2i + last], guest_cluster + last)
         buf[in_cl:end] = data
-        self.f.pwrite(host, buf)
+        self.data_pwrite(host, buf)
 
     def write_new_in_zeros(self, host: int, total: int, in_cl: int, data: bytes | memoryview) -> None:
         """Write `data` at in_cl into `total` bytes of fresh host clusters that must read
         as zeros around it."""
-        if len(data) == total or host >= self.f.end():
+        if self.crypto is None and (len(data) == total or host >= self.f.end()):
             # Past the end of the file the host reads zeros already (a hole): write only
             # the data and make the file cover the clusters, instead of 16x the bytes.
+            # (Not when encrypted: zeros on disk are not zeros in the clear.)
             self.f.pwrite(host + in_cl, data)
             self.f.extend_to(host + total)
             return
         buf = bytearray(total)  # a reused cluster: zeros around the data
         buf[in_cl:in_cl + len(data)] = data
-        self.f.pwrite(host, buf)
+        self.data_pwrite(host, buf)
+
+    def data_pwrite(self, host: int, data: bytes | bytearray | memoryview) -> None:
+        """Guest data to a host offset: the one place data is encrypted (luks.py).  A
+        partial sector is read, decrypted, patched and encrypted again; callers write
+        whole clusters into new ones, so a partial sector is always one written before."""
+        crypto = self.crypto
+        if crypto is None:
+            self.f.pwrite(host, data)
+            return
+        first = host // SECTOR
+        end = -(-(host + len(data)) // SECTOR)
+        head = host - first * SECTOR
+        if head or (host + len(data)) % SECTOR:
+            buf = bytearray(self.data_pread(first * SECTOR, (end - first) * SECTOR))
+            buf[head:head + len(data)] = data
+            self.f.pwrite(first * SECTOR, crypto.encrypt(buf, first))
+        else:
+            self.f.pwrite(host, crypto.encrypt(data, first))
 
     def reads_as_zeros(self, entry: int) -> bool:
         """Known to read as zeros without any I/O (zero flag, or nothing below)."""

@@ -242,7 +242,7 @@ def verify_guest(got: bytes, flushed: bytearray, at_cut: bytearray,
 def judge_crash_image(path: Path) -> tuple[dict, bytes | None]:
     """qemu-img check and qemu-img convert of one image, run side by side."""
     raw = path.with_suffix(".raw")
-    conv = subprocess.Popen(["qemu-img", "convert", "-O", "raw", str(path), str(raw)],
+    conv = subprocess.Popen(["qemu-img", "convert", "-O", "raw", *qemu.image_args(path), str(raw)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     info = qemu.check(path)
     out = conv.communicate()[0]

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 from pathlib import Path
+from typing import Iterator
 
 
 def run(*args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -23,9 +25,30 @@ def create(path: Path, size: int, cluster_size: int = 65536, refcount_bits: int 
     return path
 
 
+# While true, check and convert_to_raw open images with LUKS secret sec0 (the power-cut
+# harness judging an encrypted image): see encrypted().
+_ENCRYPTED = [False]
+
+
+@contextlib.contextmanager
+def encrypted(on: bool = True) -> Iterator[None]:
+    _ENCRYPTED[0], before = on, _ENCRYPTED[0]
+    try:
+        yield
+    finally:
+        _ENCRYPTED[0] = before
+
+
+def image_args(path: Path) -> list[str]:
+    """How qemu-img names an image: the path, or image options with the LUKS secret."""
+    if _ENCRYPTED[0]:
+        return [*LUKS_SECRET, "--image-opts", f"driver=qcow2,file.filename={path},encrypt.key-secret=sec0"]
+    return [str(path)]
+
+
 def check(path: Path) -> dict:
     """qemu-img check --output=json, with its exit code under 'rc'."""
-    r = run("qemu-img", "check", "--output=json", str(path), check=False)
+    r = run("qemu-img", "check", "--output=json", *image_args(path), check=False)
     info = json.loads(r.stdout) if r.stdout.strip().startswith("{") else {}
     info["rc"] = r.returncode
     info["text"] = r.stdout + r.stderr
@@ -58,7 +81,7 @@ def qemu_io(path: Path, *commands: str, read_only: bool = False, fmt: str = "qco
 
 
 def convert_to_raw(image: Path, raw: Path) -> Path:
-    run("qemu-img", "convert", "-O", "raw", str(image), str(raw))
+    run("qemu-img", "convert", "-O", "raw", *image_args(image), str(raw))
     return raw
 
 
