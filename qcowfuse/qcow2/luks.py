@@ -122,6 +122,12 @@ class ModeSpec:
         return self.mode == "xts"
 
 
+def _shifts() -> tuple[np.ndarray, np.ndarray]:
+    import numpy as np
+    j = np.arange(1, SECTOR // 16, dtype=np.uint64)
+    return j, np.uint64(64) - j
+
+
 def parse_mode(cipher_mode: str) -> ModeSpec:
     mode, _, ivgen = cipher_mode.partition("-")
     ivgen, _, ivhash = ivgen.partition(":")
@@ -179,24 +185,29 @@ class SectorCipher:
         return iv
 
     def _xts_masks(self, first_sector: int, count: int) -> np.ndarray:
-        """The XTS tweak of every 16-byte block: (count * 32, 2) uint64, little-endian."""
+        """The XTS tweak of every 16-byte block, T_j = T_0 * alpha^j in GF(2^128) (IEEE
+        1619): (count * 32, 2) uint64, little-endian.  All j at once: shifted left by j,
+        with the j bits shifted out folded back in times x^128 = x^7 + x^2 + x + 1."""
         import numpy as np
         t = self._ivs(first_sector, count)
+        lo, hi = t[:, 0:1], t[:, 1:2]
+        j, back = _shifts()
+        out = hi >> back  # the top j bits of T_0
+        low = (lo << j) ^ out
+        for k in (1, 2, 7):
+            low ^= out << np.uint64(k)
         masks = np.empty((count, SECTOR // 16, 2), "<u8")
-        lo, hi = t[:, 0].copy(), t[:, 1].copy()
-        for j in range(SECTOR // 16):  # T_{j+1} = T_j * alpha in GF(2^128)
-            masks[:, j, 0], masks[:, j, 1] = lo, hi
-            carry = hi >> np.uint64(63)
-            hi = (hi << np.uint64(1)) | (lo >> np.uint64(63))
-            lo = (lo << np.uint64(1)) ^ (carry * np.uint64(0x87))
+        masks[:, 0] = t
+        masks[:, 1:, 0] = low
+        masks[:, 1:, 1] = (hi << j) | (lo >> back)
         return masks.reshape(-1, 2)
 
     def _xts(self, ecb: Any, blocks: np.ndarray, first_sector: int) -> bytes:
         """XTS either way: the tweak masks around one ECB pass over every block."""
         import numpy as np
         mask = self._xts_masks(first_sector, len(blocks) * 16 // SECTOR)
-        out = np.frombuffer(ecb.update((blocks ^ mask).tobytes()), "<u8").reshape(-1, 2)
-        return bytes((out ^ mask).tobytes())
+        mask ^= np.frombuffer(ecb.update(np.bitwise_xor(blocks, mask).view(np.uint8).data), "<u8").reshape(-1, 2)
+        return mask.tobytes()
 
     def decrypt(self, data: bytes | bytearray, first_sector: int) -> bytes:
         import numpy as np
