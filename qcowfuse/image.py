@@ -18,7 +18,7 @@ from .hostfile import HostFile
 from .locking import lock_image
 from .qcow2.allocator import Allocator
 from .qcow2.bitmaps import Bitmaps
-from .qcow2.fastpath import FastPath, ReadFn, WriteFn
+from .qcow2.fastpath import FastPath
 from .qcow2.format import decode_table
 from .qcow2.header import CRYPT_AES, CRYPT_NAMES, INCOMPAT_CORRUPT, MAX_CLUSTER_BITS, Header
 from .qcow2.luks import LuksHeader, SectorCipher, open_luks
@@ -27,6 +27,7 @@ from .qcow2.reading import ReadPath
 from .qcow2.refcounts import RefcountStore
 from .qcow2.resize import resize_image
 from .qcow2.snapshots import find_snapshot, read_snapshot_table
+from .qcow2.state import ReadFn, WriteFn
 from .qcow2.tables import L2Cache
 from .qcow2.writing import WritePath
 

@@ -608,11 +608,19 @@ class Config:
     tar_max_files: int
     tar_max_bytes: int
     qcowfuse_options: str = ""  # -o list for the qcowfuse mount, e.g. "direct_io"
+    cold: bool = False  # drop the host page cache after each prefill (images bigger than RAM)
 
     @property
     def refcount_spacing(self) -> int:
         """Host bytes covered by one refcount block (16-bit refcounts, qemu-img's default)."""
         return (self.stream_cluster // 2) * self.stream_cluster
+
+
+def drop_host_page_cache() -> None:
+    """What users with images bigger than RAM meet: nothing of the image cached."""
+    os.sync()
+    with open("/proc/sys/vm/drop_caches", "w") as fh:
+        fh.write("3\n")
 
 
 class Bench:
@@ -659,6 +667,8 @@ class Bench:
             target.create(image, self.cfg.size)
             if job.prefill:
                 self.prefill(target, image)
+                if self.cfg.cold:
+                    drop_host_page_cache()
             if job.kind == "ext4":
                 return self.measure_ext4(target, image)
             if job.kind == "reread":
@@ -1010,6 +1020,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "to this Python, else the repo's .venv, else PATH), e.g. another build's")
     p.add_argument("--qcowfuse-options", default="", metavar="OPT[,OPT...]",
                    help="mount options for qcowfuse, e.g. direct_io (default: none)")
+    p.add_argument("--cold", action="store_true",
+                   help="drop the host page cache (sync; echo 3 > /proc/sys/vm/drop_caches) "
+                        "after each prefill, so reads meet the disk as with images bigger "
+                        "than RAM (needs root)")
     p.add_argument("--no-unshare", action="store_true",
                    help="mount in the caller's mount namespace (default: a private one, so "
                         "other processes neither see nor unmount the benchmark's mounts)")
@@ -1026,7 +1040,7 @@ def make_config(args: argparse.Namespace) -> Config:
                   runtime=args.runtime or (1.0 if q else 10.0), quick=q,
                   stream_size=-(-stream // MiB) * MiB, stream_cluster=cluster,
                   tar_max_files=300 if q else 20000, tar_max_bytes=(4 if q else 300) * MiB,
-                  qcowfuse_options=args.qcowfuse_options)
+                  qcowfuse_options=args.qcowfuse_options, cold=args.cold)
 
 
 def select_jobs(only: str | None, targets: str | None = None) -> list[Job]:

@@ -31,17 +31,17 @@ in-place write 19.2k -> 15.6k, first write into a cluster 29.9k -> 25.0k).
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 from ..hostfile import HostFile
 from .format import (
     L1E_OFFSET_MASK, L2E_OFFSET_MASK, QCOW_OFLAG_COPIED, QCOW_OFLAG_ZERO, plain_data_flags)
 
+from .state import ReadFn, WriteFn
+
 if TYPE_CHECKING:
     from .state import ImageState
 
-ReadFn = Callable[[int, int], "bytes | bytearray"]
-WriteFn = Callable[[int, "bytes | memoryview"], int]
 
 UNHANDLED = -1  # _host: take the general path
 BELOW = -2  # _host, for a read: nothing of the range is in this layer; the layer below has it all

@@ -12,7 +12,6 @@ if TYPE_CHECKING:
     from ..hostfile import HostFile
     from .allocator import Allocator
     from .bitmaps import Bitmaps
-    from .fastpath import FastPath
     from .header import Header
     from .luks import LuksHeader, SectorCipher
     from .refcounts import RefcountStore
@@ -30,6 +29,20 @@ class Layer(Protocol):
         """`read` for a caller that uses the layer from one thread only (may be faster)."""
         ...
     def close(self) -> None: ...
+
+
+ReadFn = Callable[[int, int], "bytes | bytearray"]
+WriteFn = Callable[[int, "bytes | memoryview"], int]
+
+
+class FastRequests(Protocol):
+    """What the paths ask of the fast path (fastpath.FastPath), declared here so that
+    this module needs no import of it."""
+    reads: bool
+
+    def read(self, offset: int, length: int) -> bytes | bytearray | None: ...
+    def write(self, offset: int, view: bytes | memoryview) -> bool: ...
+    def unlocked(self, read: ReadFn, write: WriteFn) -> tuple[ReadFn, WriteFn]: ...
 
 
 class ImageState:
@@ -73,7 +86,7 @@ class ImageState:
     _compressed_cache: tuple[int, bytes] | None
     # zeroes.py: one cluster of zeros to compare writes with (empty with detect-zeroes off)
     _zero_cluster: memoryview
-    fast: FastPath  # the common request without the image lock (fastpath.py)
+    fast: FastRequests  # the common request without the image lock (fastpath.py)
     luks: LuksHeader | None  # a LUKS-encrypted image's header (luks.py)
     crypto: SectorCipher | None  # its data cipher, once unlocked; None: data in the clear
 
