@@ -350,7 +350,7 @@ def resize_main(argv: list[str]) -> int:
     except ValueError:
         raise UsageError("Parameter 'size' expects a non-negative number below 2^64 "
                          "(optional suffix k, M, G, T, P or E)") from None
-    with Image.open(args.image, writable=True) as img:
+    with Image.open(args.image, writable=True, metadata_only=True) as img:  # no guest data
         total = img.size + sign * n if sign else n
         if total <= 0:
             raise UsageError("New image size must be positive")

@@ -172,3 +172,11 @@ def test_every_active_key_slot_is_tried(tmp_path):
     for passphrase in (PASSPHRASE, b"other"):
         with Image.open(str(img), passphrase=passphrase) as im:
             assert im.read(0, 4096) == b"\x3e" * 4096
+
+
+def test_resize_needs_no_key_and_keeps_the_data(tmp_path):
+    img = luks_image(tmp_path)
+    r = run_cli("resize", str(img), "32M")
+    assert r.returncode == 0, r.stderr
+    qemu_io(img, "read -P 7 0 1M", "read -P 8 8M 64k", "read -P 0 16M 16M", read_only=True)
+    assert qemu_check(img)["rc"] == 0

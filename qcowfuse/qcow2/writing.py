@@ -22,7 +22,7 @@ from __future__ import annotations
 import array
 import struct
 
-from ..errors import CorruptError, ReadOnlyError
+from ..errors import CorruptError, NeedsPassphrase, ReadOnlyError
 from .allocator import cluster_runs
 from .format import (
     L1E_OFFSET_MASK, L2E_OFFSET_MASK, QCOW_OFLAG_COMPRESSED, QCOW_OFLAG_COPIED,
@@ -305,6 +305,8 @@ class WritePath(ImageState):
         whole clusters into new ones, so a partial sector is always one written before."""
         crypto = self.crypto
         if crypto is None:
+            if self.header.crypt_method:  # never plaintext into an encrypted image
+                raise NeedsPassphrase("the image is encrypted and was opened without its passphrase")
             self.f.pwrite(host, data)
             return
         first = host // SECTOR
