@@ -307,9 +307,7 @@ def _scenario(name: str, tmp: Path) -> Scenario:
         qemu.qemu_io(p, "write -P 0x71 0 8k")
         return Scenario(p, [(700, b"\x72" * 2000), (64 * k, b"\x73" * 1500)])
     if name == "luks":
-        qemu.run("qemu-img", "create", "-q", "-f", "qcow2", *qemu.LUKS_SECRET, "-o",
-                 "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=20,cluster_size=4096",
-                 str(p), str(4 << 20))
+        qemu.create_luks(p, 4 << 20, 4096)
         with qemu.encrypted():
             qemu.run("qemu-io", *qemu.image_args(p)[:-1], "-c", "write -P 0xa1 0 64k",
                      qemu.image_args(p)[-1])

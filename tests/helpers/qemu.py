@@ -102,14 +102,23 @@ def dirty_ranges(image: Path, name: str) -> list[tuple[int, int]]:
 LUKS_SECRET = ["--object", "secret,id=sec0,data=123456"]
 
 
-def create_luks(path: Path, size: int, cluster_size: int = 65536) -> Path:
-    """A LUKS-encrypted qcow2 image (key secret sec0).  LUKS creation times its key
-    derivation and, on a loaded machine, may fail with "Unable to get accurate CPU
-    usage": try again then."""
-    for attempt in range(5):
-        r = run("qemu-img", "create", "-q", "-f", "qcow2", *LUKS_SECRET,
-                "-o", f"encrypt.format=luks,encrypt.key-secret=sec0,cluster_size={cluster_size}",
-                str(path), str(size), check=attempt == 4)
+def create_luks(path: Path, size: int, cluster_size: int = 65536, options: str = "",
+                backing: Path | None = None, must: bool = True) -> Path | None:
+    """A LUKS-encrypted qcow2 image (key secret sec0) with a quick key derivation; extra
+    `options` for -o (",encrypt.cipher-alg=..."), a qcow2 `backing` file.  LUKS creation
+    times its key derivation and, on a loaded machine, may fail with "Unable to get
+    accurate CPU usage": tried again then.  Any other failure raises (must=True) or
+    gives None (qemu-img cannot make that kind of image)."""
+    o = f"encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=20,cluster_size={cluster_size}"
+    args = ["qemu-img", "create", "-q", "-f", "qcow2", *LUKS_SECRET, "-o", o + options]
+    if backing is not None:
+        args += ["-b", str(backing), "-F", "qcow2"]
+    for _ in range(8):
+        r = run(*args, str(path), str(size), check=False)
         if r.returncode == 0:
             return path
-    return path
+        if "accurate CPU usage" not in r.stderr:
+            break
+    if must:
+        raise AssertionError(f"qemu-img create of a LUKS image failed: {r.stderr}")
+    return None
