@@ -83,8 +83,9 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 NS_ENV = "QCOWFUSE_BENCH_PRIVATE_NS"
 
 
-class BenchError(Exception):
-    """The benchmark itself broke (a tool failed, a mount did not come up)."""
+# The benchmark itself broke (a tool failed, a mount did not come up): one class for
+# this script and bench_tools, so whichever raises it, main reports it the same way.
+BenchError = bench_tools.BenchError
 
 
 class Interrupted(BaseException):
@@ -1091,15 +1092,7 @@ def select_jobs(only: str | None, targets: str | None = None) -> list[Job]:
     return jobs
 
 
-def find_qcowfuse() -> str:
-    """The qcowfuse next to this Python, else the repo's .venv, else PATH."""
-    for cand in (Path(sys.executable).parent / "qcowfuse", REPO / ".venv/bin/qcowfuse"):
-        if os.access(cand, os.X_OK):
-            return str(cand)
-    found = shutil.which("qcowfuse")
-    if not found:
-        raise BenchError("qcowfuse not found (next to sys.executable, in .venv/bin, or on PATH)")
-    return found
+find_qcowfuse = bench_tools.find_qcowfuse  # next to this Python, else the repo's .venv, else PATH
 
 
 def preflight() -> None:
