@@ -44,7 +44,7 @@ SUBCLUSTER_ZERO_MASK = SUBCLUSTER_ALLOC_MASK << SUBCLUSTER_ZERO_SHIFT
 REFT_OFFSET_MASK = 0xFFFFFFFFFFFFFE00
 REFT_RESERVED_MASK = 0x1FF
 
-SECTOR = 512  # compressed data is counted in 512-byte sectors
+SECTOR = 512  # compressed data is counted in 512-byte sectors, LUKS encrypts them
 
 
 class ClusterType(enum.IntEnum):
@@ -88,18 +88,10 @@ def standard_kinds(entry: np.ndarray, version: int) -> np.ndarray:
 
 # -- subcluster bitmaps ------------------------------------------------------------------
 
-def subcluster_allocated(bitmap: int, sub: int) -> bool:
-    return bool(bitmap >> sub & 1)
-
-
-def subcluster_reads_zeros(bitmap: int, sub: int) -> bool:
-    return bool(bitmap >> (SUBCLUSTER_ZERO_SHIFT + sub) & 1)
-
-
 def subclusters_zeroed(touched: int) -> int:
     """The bitmap that makes the subclusters in `touched` (an allocation mask) read as
     zeros and nothing else."""
-    return ((touched | touched << SUBCLUSTER_ZERO_SHIFT)) & SUBCLUSTER_ZERO_MASK
+    return (touched << SUBCLUSTER_ZERO_SHIFT) & SUBCLUSTER_ZERO_MASK
 
 
 # -- "Compressed Clusters Descriptor" ----------------------------------------------------
@@ -126,11 +118,6 @@ class CompressedDescriptor:
     def length(self) -> int:
         """Bytes to read from `offset`."""
         return self.sectors * SECTOR - (self.offset % SECTOR)
-
-    @property
-    def end(self) -> int:
-        """The byte after the last sector the data may use."""
-        return (self.offset & ~(SECTOR - 1)) + self.sectors * SECTOR
 
     def host_clusters(self, cluster_bits: int) -> range:
         """Host clusters this data occupies; each holds one reference for it."""

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ..errors import FormatError, QcowError, UnsupportedError
+from .format import SECTOR
 
 if TYPE_CHECKING:
     import numpy as np
@@ -32,12 +33,9 @@ if TYPE_CHECKING:
     from ..hostfile import HostFile
     from .header import Header
 
-SECTOR = 512
 LUKS_MAGIC = b"LUKS\xba\xbe"
 LUKS_KEY_ENABLED = 0x00AC71F3
-LUKS_KEY_DISABLED = 0x0000DEAD
 LUKS_DIGEST_SIZE = 20
-LUKS_SALT_SIZE = 32
 LUKS_SLOTS = 8
 # magic, version, cipher_name, cipher_mode, hash_spec, payload_offset, key_bytes,
 # mk_digest, mk_digest_salt, mk_digest_iter, uuid

@@ -14,9 +14,8 @@ import array
 from ..errors import CorruptError, NeedsPassphrase
 from .compressed import decompress
 from .format import (
-    L1E_OFFSET_MASK, L2E_OFFSET_MASK, QCOW_OFLAG_COMPRESSED, SUBCLUSTER_ZERO_SHIFT, SUBCLUSTERS,
-    ClusterType, CompressedDescriptor, classify, plain_data_flags)
-from .luks import SECTOR
+    SECTOR, L1E_OFFSET_MASK, L2E_OFFSET_MASK, QCOW_OFLAG_COMPRESSED, SUBCLUSTER_ZERO_SHIFT,
+    SUBCLUSTERS, ClusterType, CompressedDescriptor, classify, plain_data_flags)
 from .state import ImageState
 
 
@@ -110,7 +109,7 @@ class ReadPath(ImageState):
             out = bytearray(length)
             view = memoryview(out)
             for kind, src, pos, n in plan:
-                if kind is ClusterType.NORMAL and self.crypto is None and not self.header.crypt_method:
+                if kind is ClusterType.NORMAL and not self.header.crypt_method:
                     self.f.pread_into(src, view[pos:pos + n])
                 elif kind is ClusterType.NORMAL:
                     view[pos:pos + n] = self.data_pread(src, n)

@@ -25,11 +25,10 @@ import struct
 from ..errors import CorruptError, NeedsPassphrase, ReadOnlyError
 from .allocator import cluster_runs
 from .format import (
-    L1E_OFFSET_MASK, L2E_OFFSET_MASK, QCOW_OFLAG_COMPRESSED, QCOW_OFLAG_COPIED,
+    SECTOR, L1E_OFFSET_MASK, L2E_OFFSET_MASK, QCOW_OFLAG_COMPRESSED, QCOW_OFLAG_COPIED,
     SUBCLUSTER_ALLOC_MASK, SUBCLUSTER_ZERO_MASK, SUBCLUSTER_ZERO_SHIFT, ClusterType,
     CompressedDescriptor, classify)
 from .header import AUTOCLEAR_BITMAPS, INCOMPAT_DIRTY, OFF_AUTOCLEAR_FEATURES
-from .luks import SECTOR
 from .state import ImageState
 from .zeroes import write_zero_piece
 

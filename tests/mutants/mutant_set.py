@@ -788,7 +788,7 @@ MUTANTS = [
            ["tests/test_encrypted.py::test_every_cipher_reads_and_writes_as_qemu_does"],
            "a new encrypted cluster is written whole: zeros on disk are not zeros in the clear"),
     Mutant("luks-read-not-decrypted", "qcowfuse/qcow2/reading.py",
-           "if kind is ClusterType.NORMAL and self.crypto is None and not self.header.crypt_method:",
+           "if kind is ClusterType.NORMAL and not self.header.crypt_method:",
            "if kind is ClusterType.NORMAL:",
            ["tests/test_encrypted.py::test_every_cipher_reads_and_writes_as_qemu_does"],
            "encrypted data is decrypted on every read path"),
