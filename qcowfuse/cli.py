@@ -125,6 +125,8 @@ def parse_mount_options(values: list[str], opts: MountOptions) -> None:
                 opts.partitions = arg == "on"
             elif name in ("key-file", "key_file") and arg:
                 opts.key_file = arg
+            elif name in ("data-file", "data_file") and arg:
+                opts.data_file = arg
             elif name == "overlay":
                 opts.overlay, opts.overlay_path = True, arg or None
             elif name in ("io_uring", "io-uring"):
@@ -158,6 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "backing=off (open no backing file: what the image lacks reads as zeros; "
                         "with ro) or backing=PATH (use PATH, which may be a block device, instead of "
                         "the backing file the image names), "
+                        "data-file=PATH (the external data file of an image that has one, a "
+                        "regular file or a block device: needed to mount it read-write; read-only "
+                        "mounts follow the name in the image to a regular file), "
                         "detect-zeroes=off|on|unmap (whole zero clusters become zero clusters; "
                         "unmap also frees their space), l2-cache-size=SIZE (default 16M), "
                         "refcount-cache-size=SIZE (default 8M); "
@@ -210,6 +215,9 @@ def info_main(argv: list[str]) -> int:
     allocated = f", allocated: {_human(info['allocated-bytes'])}" if args.allocated else ""
     print(f"host file size: {_human(info['host-file-size'])}, disk usage: "
           f"{_human(info['disk-usage'])}{allocated}")
+    if "data-file" in info:
+        print(f"data file: {info['data-file']}, data file raw: "
+              f"{'yes' if info['data-file-raw'] else 'no'}")
     for i, layer in enumerate(info["backing-chain"]):
         print(f"backing file {i + 1}: {layer['filename']} ({layer['format']})")
     for s in info["snapshots"]:
@@ -288,8 +296,9 @@ def map_main(argv: list[str]) -> int:
         extents = image_map(img, progress)
         names = []
         layer: Any = img  # an Image or a raw backing layer
-        while layer is not None:
-            names.append(getattr(layer, "path", None) or layer.f.path)
+        while layer is not None:  # the file each depth's data is in (qemu-img's names)
+            names.append(getattr(layer, "path", None) or getattr(layer.header, "data_file", None)
+                         or layer.f.path)
             layer = getattr(layer, "backing", None)
     if args.output == "json":
         print("[" + ",\n".join(json.dumps(e.to_json()) for e in extents) + "]")
@@ -297,8 +306,14 @@ def map_main(argv: list[str]) -> int:
     print(f"{'Offset':<16}{'Length':<16}{'Mapped to':<16}File")
     for ext in extents:
         if ext.data and ext.offset is not None:
-            print(f"{ext.start:<#16x}{ext.length:<#16x}{ext.offset:<#16x}{names[ext.depth]}")
+            print(f"{_c_hex(ext.start):<16}{_c_hex(ext.length):<16}{_c_hex(ext.offset):<16}"
+                  f"{names[ext.depth]}")
     return 0
+
+
+def _c_hex(n: int) -> str:
+    """C's %#x, as qemu-img prints: 0 without the 0x."""
+    return f"{n:#x}" if n else "0"
 
 
 def _bitmap_map(path: str, name: str, output: str) -> int:

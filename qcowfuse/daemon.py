@@ -47,6 +47,7 @@ class MountOptions:
     overlay_path: str | None = None  # keep the overlay here (None: throwaway)
     partitions: bool = True  # a directory mount shows a file per partition too
     key_file: str | None = None  # the passphrase of an encrypted image, as its bytes
+    data_file: str | None = None  # the image's external data file, instead of the name it gives
     extra_fuse_options: list[str] = field(default_factory=list)
 
 
@@ -184,11 +185,11 @@ def _open(image_path: str, opts: MountOptions, passphrase: bytes | None) -> Imag
                              "$TMPDIR: not supported")
         from .overlay import open_overlay
         return open_overlay(image_path, opts.overlay_path, lock=not opts.force_share,
-                            snapshot=opts.snapshot, backing=opts.backing,
+                            snapshot=opts.snapshot, backing=opts.backing, data_file=opts.data_file,
                             detect_zeroes=opts.detect_zeroes, l2_cache_bytes=opts.l2_cache_size,
                             refcount_cache_bytes=opts.refcount_cache_size)
     return Image.open(image_path, writable=not opts.read_only, lock=not opts.force_share,
-                      backing=opts.backing, snapshot=opts.snapshot,
+                      backing=opts.backing, snapshot=opts.snapshot, data_file=opts.data_file,
                       detect_zeroes=opts.detect_zeroes, l2_cache_bytes=opts.l2_cache_size,
                       refcount_cache_bytes=opts.refcount_cache_size, passphrase=passphrase)
 

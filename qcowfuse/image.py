@@ -13,6 +13,7 @@ import threading
 from typing import Any
 
 from .backing import Layer, file_identity, open_backing
+from .datafile import NoDataFile, open_data_file
 from .errors import FormatError, NeedsPassphrase, QcowError, UnsupportedError
 from .hostfile import HostFile
 from .locking import lock_image
@@ -52,11 +53,20 @@ class Image(ReadPath, WritePath, Integrity):
                  snapshot: str | None = None, repair: bool = False, detect_zeroes: str = "off",
                  l2_cache_bytes: int = DEFAULT_L2_CACHE_BYTES,
                  refcount_cache_bytes: int = DEFAULT_REFCOUNT_CACHE_BYTES,
-                 passphrase: bytes | None = None, metadata_only: bool = False) -> None:
+                 passphrase: bytes | None = None, metadata_only: bool = False,
+                 data: HostFile | None = None) -> None:
         """passphrase: of a LUKS-encrypted image (never logged, never in a message);
         metadata_only: the caller reads no guest data (info, map), so an encrypted image
-        opens without it."""
+        opens without it, and an image with an external data file without that file;
+        data: the open external data file (datafile.py) of an image that has one."""
         self._refuse_unsupported(header, writable and not repair, for_check=repair)
+        self.data_file = header.has_data_file
+        if data is not None and not self.data_file:
+            raise UnsupportedError("a data file was given for an image without an external data file")
+        if self.data_file and data is None and not (repair or metadata_only):
+            raise UnsupportedError("the image keeps its guest data in an external data file: "
+                                   "open it with Image.open (data_file=PATH to choose it)")
+        self.data = data if data is not None else NoDataFile() if self.data_file else f
         self.luks: LuksHeader | None = None
         self.crypto: SectorCipher | None = None
         if header.crypt_method and passphrase is not None:
@@ -109,14 +119,17 @@ class Image(ReadPath, WritePath, Integrity):
         if detect_zeroes not in DETECT_ZEROES_MODES:
             raise ValueError(f"detect_zeroes must be one of {DETECT_ZEROES_MODES}")
         self.detect_zeroes = detect_zeroes
-        self._zero_cluster = memoryview(bytes(self.cluster_size) if detect_zeroes != "off" else b"")
+        # With a data file, zeros are written as data: the data file stays what the
+        # mapping says (a raw disk with data_file_raw), and nothing is unmapped.
+        zeros = detect_zeroes != "off" and not self.data_file
+        self._zero_cluster = memoryview(bytes(self.cluster_size) if zeros else b"")
         self._compressed_cache = None
         self.fast = FastPath(self)
 
     @classmethod
     def open(cls, path: str, writable: bool = False, lock: bool = True,
              backing: str | None = None, _seen: frozenset[tuple[int, int]] = frozenset(),
-             **options: Any) -> "Image":
+             data_file: str | None = None, **options: Any) -> "Image":
         """Open and validate, with the backing chain; nothing is written to the file
         until the first write.
 
@@ -124,6 +137,8 @@ class Image(ReadPath, WritePath, Integrity):
         backing: None follows the header; "off" opens no backing file (what this layer
         lacks reads as zeros; read-only, since copy-on-write would fill from zeros);
         any other value is the path of the backing file to use instead of the header's.
+        data_file: the path of the external data file, instead of the header's name
+        (needed to open such an image writable; datafile.py).
         options: snapshot, repair, detect_zeroes, l2_cache_bytes, refcount_cache_bytes.
         """
         try:
@@ -147,9 +162,16 @@ class Image(ReadPath, WritePath, Integrity):
                 seen = _seen | {file_identity(path)}
                 layer = open_backing(backing or header.backing_file, header.backing_format, path,
                                      seen, lock, chosen=backing is not None, open_qcow2=cls._open_layer)
+            data = None
             try:
-                return cls(f, header, writable, backing=layer, **options)
+                if data_file is not None and not header.has_data_file:
+                    raise UnsupportedError(f"-o data-file={data_file}: {path} has no external data file")
+                if header.has_data_file and not (options.get("metadata_only") or options.get("repair")):
+                    data = open_data_file(path, header.data_file, writable, data_file, lock)
+                return cls(f, header, writable, backing=layer, data=data, **options)
             except BaseException:
+                if data is not None:
+                    data.close()
                 if layer is not None:
                     layer.close()
                 raise
@@ -217,6 +239,8 @@ class Image(ReadPath, WritePath, Integrity):
                 self.bitmaps.store(self.alloc.free_later, self.flush)
         finally:
             self.f.close()
+            if self.data is not self.f:
+                self.data.close()
             if self.backing is not None:
                 self.backing.close()
 

@@ -29,7 +29,8 @@ def allocated_clusters(img: Image, progress: Progress | None = None) -> int:
     non-zero entries decoded (qcow2/scan.py)."""
     import numpy as np  # only this key needs the tables; the rest of info does not
 
-    from .qcow2.format import L1E_OFFSET_MASK, L2E_OFFSET_MASK, QCOW_OFLAG_COMPRESSED
+    from .qcow2.format import (L1E_OFFSET_MASK, L2E_OFFSET_MASK, QCOW_OFLAG_COMPRESSED,
+                               data_at_offset_zero)
     from .qcow2.scan import TableReader, l2_entries, u64
 
     l1 = np.array(img.l1, dtype=np.uint64)
@@ -39,6 +40,8 @@ def allocated_clusters(img: Image, progress: Progress | None = None) -> int:
     for at, batch in TableReader(img.f, img.cluster_size).batches(tables.tolist(), progress):
         t = l2_entries(batch, img.header.extended_l2)
         used = (t.entry & u64(L2E_OFFSET_MASK | QCOW_OFLAG_COMPRESSED)) != 0
+        if img.data_file:  # guest cluster 0 at offset 0 of the data file (format.offset_zero_flag)
+            used |= data_at_offset_zero(t.entry)
         n += int(times[at + t.row[used]].sum())
     return n
 
@@ -89,6 +92,9 @@ def image_info(path: str, progress: Progress | None = None, allocated: bool = Fa
             "corrupt": bool(h.incompatible_features & INCOMPAT_CORRUPT),
             "encrypted": bool(h.crypt_method),
         }
+        if h.has_data_file:  # named as the image names it; the file is not opened
+            info["data-file"] = h.data_file
+            info["data-file-raw"] = h.data_file_raw
         if h.crypt_method == CRYPT_LUKS:  # the LUKS header is in the clear: no key needed
             info["encrypt"] = read_luks_header(img.f, h)[0].describe()
         if allocated:

@@ -75,7 +75,7 @@ def _units(img: Image, l1_index: np.ndarray, t: L2Entries, ext: bool) -> tuple[n
     guest = (l1_index[t.row].astype(np.int64) << img.l2_bits) + t.col.astype(np.int64)
     host = (t.entry & u64(L2E_OFFSET_MASK)).astype(np.int64)
     if not ext:
-        std = standard_kinds(t.entry, img.version)
+        std = standard_kinds(t.entry, img.version, img.data_file)
         mapped = np.zeros(len(std), np.uint8)
         for ct, m in ((ClusterType.NORMAL, DATA), (ClusterType.COMPRESSED, COMPRESSED),
                       (ClusterType.ZERO_PLAIN, ZERO), (ClusterType.ZERO_ALLOC, ZERO_ALLOC)):

@@ -80,15 +80,16 @@ def _refuse_foreign(path: str, image_path: str) -> None:
 
 def open_overlay(image_path: str, keep: str | None, *, lock: bool = True,
                  snapshot: str | None = None, backing: str | None = None,
-                 **options: Any) -> Image:
+                 data_file: str | None = None, **options: Any) -> Image:
     """The writable overlay over `image_path` (opened read-only): throwaway when `keep`
     is None, else kept at `keep` (created if missing).  `backing` and `snapshot` say
-    how to open the image, as for a read-only mount; options go to the overlay."""
+    how to open the image, as for a read-only mount (and `data_file`, for a throwaway
+    one); options go to the overlay."""
     image_path = os.path.abspath(image_path)
     base_options = {k: v for k, v in options.items() if k in ("l2_cache_bytes", "refcount_cache_bytes")}
     if keep is None:
         base = Image.open(image_path, writable=False, lock=lock, snapshot=snapshot, backing=backing,
-                          **base_options)
+                          data_file=data_file, **base_options)
         try:
             return throwaway_overlay(base, **options)
         except BaseException:
@@ -99,6 +100,8 @@ def open_overlay(image_path: str, keep: str | None, *, lock: bool = True,
                                "open it); use -o overlay for a throwaway one")
     if backing is not None:
         raise UnsupportedError("-o overlay=PATH opens the image's own backing chain; drop -o backing")
+    if data_file is not None:
+        raise UnsupportedError("-o overlay=PATH opens the image as the overlay names it; drop -o data-file")
     keep = os.path.abspath(keep)
     if os.path.exists(keep):
         _refuse_foreign(keep, image_path)

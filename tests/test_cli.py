@@ -62,7 +62,7 @@ def test_empty_file(tmp_path):
     (20, ">I", 8, "invalid cluster_bits"),
     (96, ">I", 7, "invalid refcount_order"),
     (72, ">Q", 1 << 20, "unknown incompatible features"),
-    (72, ">Q", 1 << 2, "external data file"),
+    (72, ">Q", 1 << 2, "external data file but does not name it"),
     (32, ">I", 1, "legacy AES encryption of qcow2 (crypt_method 1) is not supported"),
     (32, ">I", 2, "is LUKS-encrypted: give its passphrase with -o key-file=PATH"),
     (40, ">Q", 1 << 40, "beyond the end of the file"),

@@ -272,7 +272,7 @@ def test_man_page_renders_and_covers_the_parser():
         opts = daemon.MountOptions(image="i", mountpoint="m")
         cli.parse_mount_options([name + {"snapshot": "=s", "detect-zeroes": "=on", "backing": "=off",
                                          "l2-cache-size": "=1M", "refcount-cache-size": "=1M", "key-file": "=/k",
-                                         "partitions": "=off"}.get(name, "")],
+                                         "partitions": "=off", "data-file": "=/d"}.get(name, "")],
                                 opts)
     exit_status = text.split("\nEXIT STATUS\n")[1].split("\nFILES\n")[0]
     for code in ("0", "1", "2", "3"):

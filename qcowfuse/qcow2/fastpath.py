@@ -58,7 +58,8 @@ class FastPath:
         self.l2_bits = img.l2_bits
         self.l2_index = img.l2_entries - 1
         self.special = plain_data_flags(img.version)
-        self.reads = not img.header.extended_l2 and not img.header.crypt_method  # plain host bytes
+        # plain host bytes in the image file itself
+        self.reads = not img.header.extended_l2 and not img.header.crypt_method and not img.data_file
         self.writes = self.reads and img.detect_zeroes == "off"
         # L2 entries of clusters that read as zeros and hold no host cluster
         self.fresh = frozenset(([0] if img.backing is None else [])

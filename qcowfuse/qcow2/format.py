@@ -63,22 +63,40 @@ def plain_data_flags(version: int) -> int:
     return QCOW_OFLAG_COMPRESSED | (QCOW_OFLAG_ZERO if version >= 3 else 0)
 
 
-def classify(entry: int, version: int) -> ClusterType:
+def offset_zero_flag(data_file: bool) -> int:
+    """The bit that makes host offset 0 a data cluster: with an external data file,
+    guest cluster 0 lives at offset 0 there, and COPIED (every data cluster of a data
+    file has refcount 1) tells it from "unallocated" (spec, "Standard Cluster
+    Descriptor"; QEMU's qcow2_get_cluster_type).  0 without a data file."""
+    return QCOW_OFLAG_COPIED if data_file else 0
+
+
+def classify(entry: int, version: int, data_file: bool = False) -> ClusterType:
     if entry & QCOW_OFLAG_COMPRESSED:
         return ClusterType.COMPRESSED
     if version >= 3 and entry & QCOW_OFLAG_ZERO:
         return ClusterType.ZERO_ALLOC if entry & L2E_OFFSET_MASK else ClusterType.ZERO_PLAIN
-    if entry & L2E_OFFSET_MASK:
+    if entry & L2E_OFFSET_MASK or entry & offset_zero_flag(data_file):
         return ClusterType.NORMAL
     return ClusterType.UNALLOCATED
 
 
-def standard_kinds(entry: np.ndarray, version: int) -> np.ndarray:
+def data_at_offset_zero(entry: np.ndarray) -> np.ndarray:
+    """numpy form, for an image with a data file: the descriptors of plain data at host
+    offset 0 (COPIED alone: see offset_zero_flag)."""
+    import numpy as np
+    mask = QCOW_OFLAG_COPIED | QCOW_OFLAG_COMPRESSED | QCOW_OFLAG_ZERO | L2E_OFFSET_MASK
+    return np.asarray((entry & np.uint64(mask)) == np.uint64(QCOW_OFLAG_COPIED))
+
+
+def standard_kinds(entry: np.ndarray, version: int, data_file: bool = False) -> np.ndarray:
     """`classify` for a whole array of standard descriptors (uint8 ClusterType values)."""
     import numpy as np
     kinds = np.full(len(entry), ClusterType.UNALLOCATED, np.uint8)
     has_offset = (entry & np.uint64(L2E_OFFSET_MASK)) != 0
     kinds[has_offset] = ClusterType.NORMAL
+    if data_file:
+        kinds[data_at_offset_zero(entry)] = ClusterType.NORMAL
     if version >= 3:
         zero = (entry & np.uint64(QCOW_OFLAG_ZERO)) != 0
         kinds[zero] = np.where(has_offset[zero], ClusterType.ZERO_ALLOC, ClusterType.ZERO_PLAIN)

@@ -15,7 +15,7 @@ from ..errors import CorruptError, NeedsPassphrase
 from .compressed import decompress
 from .format import (
     SECTOR, L1E_OFFSET_MASK, L2E_OFFSET_MASK, QCOW_OFLAG_COMPRESSED, SUBCLUSTER_ZERO_SHIFT,
-    SUBCLUSTERS, ClusterType, CompressedDescriptor, classify, plain_data_flags)
+    SUBCLUSTERS, ClusterType, CompressedDescriptor, classify, offset_zero_flag, plain_data_flags)
 from .state import ImageState
 
 
@@ -50,16 +50,16 @@ class ReadPath(ImageState):
         if crypto is None:
             if self.header.crypt_method:
                 raise NeedsPassphrase("the image is encrypted and was opened without its passphrase")
-            return self.f.pread(host, length)
+            return self.data.pread(host, length)
         first = host // SECTOR
         end = -(-(host + length) // SECTOR)
-        plain = crypto.decrypt(self.f.pread(first * SECTOR, (end - first) * SECTOR), first)
+        plain = crypto.decrypt(self.data.pread(first * SECTOR, (end - first) * SECTOR), first)
         skip = host - first * SECTOR
         return plain[skip:skip + length]
 
     def cluster_content(self, entry: int, guest_cluster: int) -> bytes | bytearray:
         """A guest cluster's whole content given its L2 entry (for copy-on-write)."""
-        kind = classify(entry, self.version)
+        kind = classify(entry, self.version, self.data_file)
         if kind is ClusterType.NORMAL:
             off = entry & L2E_OFFSET_MASK
             self.host_check(off, "data cluster")
@@ -81,6 +81,8 @@ class ReadPath(ImageState):
         cached = self._compressed_cache
         if cached is not None and cached[0] == entry:
             return cached[1]
+        if self.data_file:
+            raise CorruptError("compressed cluster in an image with an external data file")
         d = CompressedDescriptor.decode(entry, self.cluster_bits)
         data = self.f.pread_upto(d.offset, d.length)  # may end at EOF
         out = decompress(data, self.cluster_size, self.header.compression_type)
@@ -110,7 +112,7 @@ class ReadPath(ImageState):
             view = memoryview(out)
             for kind, src, pos, n in plan:
                 if kind is ClusterType.NORMAL and not self.header.crypt_method:
-                    self.f.pread_into(src, view[pos:pos + n])
+                    self.data.pread_into(src, view[pos:pos + n])
                 elif kind is ClusterType.NORMAL:
                     view[pos:pos + n] = self.data_pread(src, n)
                 elif kind is ClusterType.UNALLOCATED:
@@ -128,6 +130,7 @@ class ReadPath(ImageState):
             return self._read_plan_subclusters(offset, length)
         cb, cs = self.cluster_bits, self.cluster_size
         special = plain_data_flags(self.version)
+        mapped = L2E_OFFSET_MASK | offset_zero_flag(self.data_file)  # plain data at host 0 too
         backing = self.backing is not None
         plan: list[tuple[ClusterType, int, int, int]] = []
         pos = 0
@@ -140,13 +143,13 @@ class ReadPath(ImageState):
                 voff = offset + pos
                 n = min(cs - (voff & (cs - 1)), length - pos)
                 entry = table[i] if table is not None else 0
-                if entry & L2E_OFFSET_MASK and not entry & special:
+                if entry & mapped and not entry & special:
                     host = entry & L2E_OFFSET_MASK
                     self.host_check(host, "data cluster")
                     _add_extent(plan, ClusterType.NORMAL, host + (voff & (cs - 1)), pos, n)
                 elif entry & QCOW_OFLAG_COMPRESSED:
                     _add_extent(plan, ClusterType.COMPRESSED, entry, pos, n)
-                elif backing and not entry & (L2E_OFFSET_MASK | special):
+                elif backing and not entry & (mapped | special):
                     _add_extent(plan, ClusterType.UNALLOCATED, voff, pos, n)
                 pos += n
         return plan

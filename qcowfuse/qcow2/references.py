@@ -25,7 +25,8 @@ import numpy as np
 from .format import (
     L1E_OFFSET_MASK, L1E_RESERVED_MASK, L2E_OFFSET_MASK, L2E_STD_RESERVED_MASK,
     QCOW_OFLAG_COMPRESSED, QCOW_OFLAG_COPIED, QCOW_OFLAG_ZERO, REFT_OFFSET_MASK,
-    REFT_RESERVED_MASK, SUBCLUSTER_ALLOC_MASK, compressed_ranges, subclusters_zeroed)
+    REFT_RESERVED_MASK, SUBCLUSTER_ALLOC_MASK, compressed_ranges, data_at_offset_zero,
+    subclusters_zeroed)
 from .scan import U64, L2Entries, Progress, TableReader, l2_entries, read_words, u64
 
 if TYPE_CHECKING:
@@ -280,7 +281,9 @@ class References:
         cs, cb = self.cs, self.cb
         e = t.entry
         plain = (e & u64(~((L2E_OFFSET_MASK & ~(cs - 1)) | QCOW_OFLAG_COPIED | QCOW_OFLAG_ZERO) & 0xFFFFFFFFFFFFFFFF)) == 0
-        plain &= (e & u64(L2E_OFFSET_MASK)) < u64(self.file_size)
+        external = self.img.data_file  # data clusters live in the data file, uncounted
+        if not external:
+            plain &= (e & u64(L2E_OFFSET_MASK)) < u64(self.file_size)
         if ext:
             bm = t.bitmap
             alloc = bm & u64(SUBCLUSTER_ALLOC_MASK)
@@ -310,12 +313,15 @@ class References:
             rest, rest_normal = None, None
         offs = t.entry & u64(L2E_OFFSET_MASK)
         normal = offs != 0
+        if external:  # guest cluster 0 at offset 0 of the data file: COPIED tells it
+            normal |= data_at_offset_zero(t.entry)
         if normal.all():  # fully allocated tables: no gather
             rows, cols, entries = t.row, t.col, t.entry
         else:
             rows, cols, entries, offs = t.row[normal], t.col[normal], t.entry[normal], offs[normal]
         clusters = offs.view(np.int64) >> cb  # offsets are below 2^56: the sign bit is clear
-        self.add_clusters(clusters, int(w_all[0]) if uniform else w_all[rows])
+        if not external:
+            self.add_clusters(clusters, int(w_all[0]) if uniform else w_all[rows])
         if rest is not None and rest_normal is not None and rest_normal.any():  # back in table order
             rows = np.concatenate([rows, rest.row[rest_normal]])
             cols = np.concatenate([cols, rest.col[rest_normal]])
@@ -351,6 +357,8 @@ class References:
             act = active > 0
             cl = clusters[act]
             copied = (entries[act] >> u64(63)).astype(bool)
+        if self.img.data_file:  # not clusters of this file: no refcount to agree with COPIED
+            return
         inside = cl < len(self.flags)
         if not inside.all():
             self.copied_outside = True
@@ -454,7 +462,15 @@ class References:
             else:
                 report(prealloc, lambda i: f"ERROR offset={int(offs[i]):x}: Preallocated cluster is not "
                                            f"properly aligned; L2 entry corrupted.")
+        external = self.img.data_file
+        if external:  # QEMU's check_refcounts_l2: no compressed clusters with a data file
+            report(counted_comp, lambda i: f"ERROR compressed cluster {int(t.col[i])} with data file, "
+                                           f"entry={int(e[i]):#x}")
+            counted_comp = np.zeros_like(counted_comp)
+            normal |= data_at_offset_zero(e)
         past = normal & (offs >= u64(self.file_size)) & ((offs & u64(cs - 1)) == 0)
+        if external:
+            past = np.zeros_like(past)
         if self.fix_errors and past.any() and (ext or self.img.version >= 3 or self.img.backing is None):
             # QEMU reads zeros past the end of the file: make it a zero cluster, which reads the same
             for i in np.flatnonzero(past).tolist():
@@ -478,7 +494,8 @@ class References:
         self.stats.compressed += int(comp_active.sum())
         self.stats.fragmented += int(comp_active.sum())
         self.stats.allocated += int(comp_active.sum())
-        self.add_ranges(offs[normal].astype(np.int64), cs, weight[normal])
+        if not external:
+            self.add_ranges(offs[normal].astype(np.int64), cs, weight[normal])
         if counted_comp.any():
             coff, csize = compressed_ranges(e[counted_comp] & ~u64(QCOW_OFLAG_COPIED), cb)
             self.add_ranges(coff.astype(np.int64), csize.astype(np.int64), weight[counted_comp])

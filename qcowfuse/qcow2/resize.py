@@ -89,6 +89,9 @@ def _refuse(img: ImageState, new_size: int) -> None:
         raise ResizeError("Failed to grow the L1 table: File too large", errno.EFBIG)
     if new_size == img.size:
         return
+    if img.data_file:
+        raise ResizeError("cannot resize an image with an external data file yet (qemu-img "
+                          "resize does it: it resizes the data file too)", errno.EOPNOTSUPP)
     if img.bitmaps is not None:
         stale = [bm.name for bm in img.bitmaps.list if bm.in_use and bm not in img.bitmaps.tracked]
         if stale:  # as QEMU's qcow2_truncate_bitmaps_check: it cannot resize what it can't trust

@@ -56,6 +56,10 @@ class ImageState:
     underscore stay inside the module that defines them."""
 
     f: HostFile
+    # where guest data clusters live: `f`, or the external data file (incompatible bit
+    # 2), whose data clusters sit at their guest offsets and have no refcounts
+    data: HostFile
+    data_file: bool
     header: Header
     writable: bool
     backing: Layer | None

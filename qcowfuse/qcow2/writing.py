@@ -28,7 +28,7 @@ from .format import (
     SECTOR, L1E_OFFSET_MASK, L2E_OFFSET_MASK, QCOW_OFLAG_COMPRESSED, QCOW_OFLAG_COPIED,
     SUBCLUSTER_ALLOC_MASK, SUBCLUSTER_ZERO_MASK, SUBCLUSTER_ZERO_SHIFT, ClusterType,
     CompressedDescriptor, classify)
-from .header import AUTOCLEAR_BITMAPS, INCOMPAT_DIRTY, OFF_AUTOCLEAR_FEATURES
+from .header import AUTOCLEAR_BITMAPS, AUTOCLEAR_DATA_FILE_RAW, INCOMPAT_DIRTY, OFF_AUTOCLEAR_FEATURES
 from .state import ImageState
 from .zeroes import write_zero_piece
 
@@ -44,7 +44,10 @@ class WritePath(ImageState):
             self.repair_dirty()
         self.check_metadata_refcounts()
         h = self.header
-        keep = AUTOCLEAR_BITMAPS if self.bitmaps is not None else 0  # the bits we maintain
+        # the bits we maintain: bitmaps, and a raw data file (data clusters at their guest
+        # offsets, zeros written as data)
+        keep = (AUTOCLEAR_BITMAPS if self.bitmaps is not None else 0) | \
+            (AUTOCLEAR_DATA_FILE_RAW if self.data_file else 0)
         if h.version >= 3 and h.autoclear_features & ~keep:
             h.autoclear_features &= keep
             self.f.pwrite(OFF_AUTOCLEAR_FEATURES, struct.pack(">Q", h.autoclear_features))
@@ -80,23 +83,27 @@ class WritePath(ImageState):
         return table
 
     def in_place(self, entry: int) -> bool:
-        """Normal cluster this layer owns alone (COPIED, or refcount 1)."""
-        if classify(entry, self.version) is not ClusterType.NORMAL:
+        """Normal cluster this layer owns alone (COPIED, or refcount 1; every data
+        cluster in an external data file)."""
+        if classify(entry, self.version, self.data_file) is not ClusterType.NORMAL:
             return False
-        if entry & QCOW_OFLAG_COPIED:
+        if entry & QCOW_OFLAG_COPIED or self.data_file:
             return True
         return self.rc.get((entry & L2E_OFFSET_MASK) >> self.cluster_bits) == 1
 
     def reusable_zero_alloc(self, entry: int) -> bool:
         if classify(entry, self.version) is not ClusterType.ZERO_ALLOC:
             return False
-        return bool(entry & QCOW_OFLAG_COPIED) or \
+        return bool(entry & QCOW_OFLAG_COPIED) or self.data_file or \
             self.rc.get((entry & L2E_OFFSET_MASK) >> self.cluster_bits) == 1
 
     def release_entry(self, entry: int, discard: bool = False) -> None:
         """Drop (after the next table sync) the reference an overwritten L2 entry held;
-        discard: punch the host clusters out once they are free."""
-        kind = classify(entry, self.version)
+        discard: punch the host clusters out once they are free.  Data clusters in an
+        external data file have no refcount: nothing to drop."""
+        kind = classify(entry, self.version, self.data_file)
+        if self.data_file and kind is not ClusterType.COMPRESSED:
+            return
         if kind in (ClusterType.NORMAL, ClusterType.ZERO_ALLOC):
             self.alloc.free_later((entry & L2E_OFFSET_MASK) >> self.cluster_bits, discard)
         elif kind is ClusterType.COMPRESSED:
@@ -164,7 +171,8 @@ class WritePath(ImageState):
                 host = entry & L2E_OFFSET_MASK
                 n = min(length - pos, cs - in_cl)
                 self.host_check(host, "data cluster")
-                self.check_data_target(host >> cb, 1)
+                if not self.data_file:
+                    self.check_data_target(host >> cb, 1)
                 buf = bytearray(cs)
                 buf[in_cl:in_cl + n] = view[pos:pos + n]
                 self.data_pwrite(host, buf)
@@ -182,14 +190,18 @@ class WritePath(ImageState):
                         table[i] |= QCOW_OFLAG_COPIED
                         self.l2.mark_dirty(self.active_l2_offset(l1i))
                 n = min(length - pos, (j - l2i) * cs - in_cl)
-                self.check_data_target(host >> cb, -(-(in_cl + n) // cs))
+                if not self.data_file:
+                    self.check_data_target(host >> cb, -(-(in_cl + n) // cs))
                 self.data_pwrite(host + in_cl, view[pos:pos + n])
             else:
                 j = l2i + 1
                 while j < stop and not self.in_place(table[j]):
                     j += 1
-                first, count = self.alloc.alloc_run(j - l2i)
-                self.check_fresh(first, count)
+                if self.data_file:  # a data file holds each cluster at its guest offset
+                    first, count = g, j - l2i
+                else:
+                    first, count = self.alloc.alloc_run(j - l2i)
+                    self.check_fresh(first, count)
                 n = min(length - pos, count * cs - in_cl)
                 self._write_new(first << cb, table, l2i, g, count, in_cl, view[pos:pos + n])
                 for k in range(count):
@@ -287,12 +299,13 @@ class WritePath(ImageState):
     def write_new_in_zeros(self, host: int, total: int, in_cl: int, data: bytes | memoryview) -> None:
         """Write `data` at in_cl into `total` bytes of fresh host clusters that must read
         as zeros around it."""
-        if self.crypto is None and (len(data) == total or host >= self.f.end()):
+        if self.crypto is None and (len(data) == total or not self.data_file and host >= self.f.end()):
             # Past the end of the file the host reads zeros already (a hole): write only
             # the data and make the file cover the clusters, instead of 16x the bytes.
             # (Not when encrypted: zeros on disk are not zeros in the clear.)
-            self.f.pwrite(host + in_cl, data)
-            self.f.extend_to(host + total)
+            self.data.pwrite(host + in_cl, data)
+            if not self.data_file:
+                self.f.extend_to(host + total)
             return
         buf = bytearray(total)  # a reused cluster: zeros around the data
         buf[in_cl:in_cl + len(data)] = data
@@ -306,7 +319,7 @@ class WritePath(ImageState):
         if crypto is None:
             if self.header.crypt_method:  # never plaintext into an encrypted image
                 raise NeedsPassphrase("the image is encrypted and was opened without its passphrase")
-            self.f.pwrite(host, data)
+            self.data.pwrite(host, data)
             return
         first = host // SECTOR
         end = -(-(host + len(data)) // SECTOR)
@@ -314,13 +327,13 @@ class WritePath(ImageState):
         if head or (host + len(data)) % SECTOR:
             buf = bytearray(self.data_pread(first * SECTOR, (end - first) * SECTOR))
             buf[head:head + len(data)] = data
-            self.f.pwrite(first * SECTOR, crypto.encrypt(buf, first))
+            self.data.pwrite(first * SECTOR, crypto.encrypt(buf, first))
         else:
-            self.f.pwrite(host, crypto.encrypt(data, first))
+            self.data.pwrite(host, crypto.encrypt(data, first))
 
     def reads_as_zeros(self, entry: int) -> bool:
         """Known to read as zeros without any I/O (zero flag, or nothing below)."""
-        kind = classify(entry, self.version)
+        kind = classify(entry, self.version, self.data_file)
         return kind in (ClusterType.ZERO_PLAIN, ClusterType.ZERO_ALLOC) or (
             kind is ClusterType.UNALLOCATED and self.backing is None)
 
@@ -331,6 +344,8 @@ class WritePath(ImageState):
         with self.lock:
             f = self.f
             self.rc.flush()
+            if self.data.unsynced and self.data is not f:
+                self.data.sync()  # an external data file: its guest data, likewise
             if f.unsynced:
                 f.sync()  # guest data before the L2 entries that map it
             if self.l2.write_dirty():

@@ -434,6 +434,68 @@ def cut_every_epoch(tmp: Path, initial: bytes, log: list, first: int, judge,
     return failures, len(seen), len(epochs)
 
 
+# -- two files: an image and its external data file -----------------------------------
+
+class TaggedLog:
+    """What a RecordingFile appends to when it shares one log with another file: each
+    entry goes to `shared` as (file index, entry), in the order the engine issued them."""
+
+    def __init__(self, shared: list, index: int) -> None:
+        self.shared, self.index = shared, index
+
+    def append(self, entry) -> None:
+        self.shared.append((self.index, entry))
+
+    def __len__(self) -> int:
+        return len(self.shared)
+
+
+def cut_two_files(tmp: Path, initial: list[bytes], log: list, judge, limit: int = 12
+                  ) -> tuple[list[str], int]:
+    """Crash images of two files written through one TaggedLog (0: the image, 1: its data
+    file).  A sync makes durable only its own file's earlier writes: at each cut (every
+    log position), each file holds what its last sync made durable plus any subset of
+    the writes of either file still pending.  Judged by QEMU with the crash copy of the
+    data file (qemu.data_file); judge(path, info, guest) returns None or why it is bad.
+    Returns (failures, distinct images)."""
+    rnd = random.Random(SEED)
+    paths = [tmp / "crash.qcow2", tmp / "crash.data"]
+    seen: set[bytes] = set()
+    failures: list[str] = []
+    for cut in range(len(log) + 1):
+        synced = [bytearray(b) for b in initial]
+        pending: list[tuple[int, object]] = []
+        for index, e in log[:cut]:
+            if e is None:
+                for i, p in [x for x in pending if x[0] == index]:
+                    apply_entry(synced[i], p)
+                pending = [x for x in pending if x[0] != index]
+            else:
+                pending.append((index, e))
+        subsets = [()] + (_subsets(len(pending), rnd, limit) if pending else [])
+        for subset in subsets:
+            crash = [bytearray(b) for b in synced]
+            for k in subset:
+                i, e = pending[k]
+                apply_entry(crash[i], e)
+            digest = hashlib.sha256(bytes(crash[0]) + b"|" + bytes(crash[1])).digest()
+            if digest in seen:
+                continue
+            seen.add(digest)
+            for path, data in zip(paths, crash):
+                path.write_bytes(data)
+            where = f"cut at log[{cut}], kept pending writes {subset} of {len(pending)}"
+            with qemu.data_file(paths[1]):
+                info, got = judge_crash_image(paths[0])
+            if crash_verdict(info, got):
+                failures.append(f"{where}: {crash_verdict(info, got)}")
+                continue
+            why = judge(paths[0], info, got)
+            if why:
+                failures.append(f"{where}: {why}")
+    return failures, len(seen)
+
+
 # -- SIGKILL of a daemon while a client does I/O ---------------------------------------
 
 class Killer(threading.Thread):

@@ -39,8 +39,25 @@ def encrypted(on: bool = True) -> Iterator[None]:
         _ENCRYPTED[0] = before
 
 
+# While set, check and convert_to_raw open images with this external data file instead
+# of the one their header names (the power-cut harness's crash copies): see data_file().
+_DATA_FILE: list[Path | None] = [None]
+
+
+@contextlib.contextmanager
+def data_file(path: Path) -> Iterator[None]:
+    _DATA_FILE[0], before = path, _DATA_FILE[0]
+    try:
+        yield
+    finally:
+        _DATA_FILE[0] = before
+
+
 def image_args(path: Path) -> list[str]:
-    """How qemu-img names an image: the path, or image options with the LUKS secret."""
+    """How qemu-img names an image: the path, or image options with the LUKS secret or
+    the data file to use."""
+    if _DATA_FILE[0] is not None:
+        return ["--image-opts", f"driver=qcow2,file.filename={path},data-file.filename={_DATA_FILE[0]}"]
     if _ENCRYPTED[0]:
         return [*LUKS_SECRET, "--image-opts", f"driver=qcow2,file.filename={path},encrypt.key-secret=sec0"]
     return [str(path)]
