@@ -339,7 +339,7 @@ def _bitmap_map(path: str, name: str, output: str) -> int:
 
 def resize_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(
-        prog="qcowfuse resize", usage="qcowfuse resize [-h] [--shrink] [-q] IMAGE [+|-]SIZE",
+        prog="qcowfuse resize", usage="qcowfuse resize [-h] [--shrink] [-q] [--data-file PATH] IMAGE [+|-]SIZE",
         description="Change the guest disk's size, as qemu-img resize does (the image must not "
                     "be in use; a mounted disk grows with truncate -s on its raw file).",
         epilog="SIZE: bytes, or a number with suffix k, M, G, T, P or E (powers of 1024); "
@@ -348,6 +348,8 @@ def resize_main(argv: list[str]) -> int:
     p.add_argument("--shrink", action="store_true", help="allow making the disk smaller")
     p.add_argument("-q", "--quiet", action="store_true", help="no message on success")
     p.add_argument("-f", dest="format", choices=["qcow2"], help="image format (qcow2 only)")
+    p.add_argument("--data-file", metavar="PATH",
+                   help="the image's external data file (resized with it), if it has one")
     p.add_argument("image")
     # As qemu-img: the size is the last word, taken off before the options are parsed, so a
     # relative shrink such as -1G is not mistaken for an option.
@@ -365,7 +367,8 @@ def resize_main(argv: list[str]) -> int:
     except ValueError:
         raise UsageError("Parameter 'size' expects a non-negative number below 2^64 "
                          "(optional suffix k, M, G, T, P or E)") from None
-    with Image.open(args.image, writable=True, metadata_only=True) as img:  # no guest data
+    with Image.open(args.image, writable=True, metadata_only=True,  # no guest data
+                    data_file=args.data_file) as img:
         total = img.size + sign * n if sign else n
         if total <= 0:
             raise UsageError("New image size must be positive")

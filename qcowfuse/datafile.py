@@ -15,47 +15,8 @@ import os
 import stat
 
 from .errors import QcowError, UnsupportedError
-from .hostfile import HostFile, check_range
+from .hostfile import DataFile
 from .locking import lock_image
-
-
-class DataFile(HostFile):
-    """An open data file: the guest data only, at the host offsets the L2 tables give.
-    Reads past its end are zeros, as QEMU's block layer makes them; it grows only by
-    the data written to it."""
-
-    def size(self) -> int:
-        return os.lseek(self.fd, 0, os.SEEK_END)  # block devices too
-
-    def pread(self, offset: int, length: int) -> bytes:
-        check_range(offset, length)
-        data = os.pread(self.fd, length, offset)
-        return data if len(data) == length else data.ljust(length, b"\0")
-
-    def pread_upto(self, offset: int, length: int) -> bytes:
-        return self.pread(offset, length)
-
-    def pread_into(self, offset: int, buf: memoryview) -> None:
-        check_range(offset, len(buf))
-        n = os.preadv(self.fd, [buf], offset)
-        if n < len(buf):
-            buf[n:] = bytes(len(buf) - n)
-
-
-class NoDataFile(HostFile):
-    """Stands for a data file that was not opened (info, map, check: they read no guest
-    data); any guest data I/O through it is a bug, refused."""
-
-    def __init__(self) -> None:
-        super().__init__(-1, "")
-
-    def _refuse(self, *args: object) -> bytes:
-        raise QcowError("the image's external data file was not opened (metadata only)")
-
-    pread = pread_upto = pread_into = pwrite = _refuse  # type: ignore[assignment]
-
-    def close(self) -> None:
-        pass
 
 
 def shown(name: str) -> str:

@@ -7,6 +7,7 @@ every write and sync (power-loss simulation) without touching the engine.
 from __future__ import annotations
 
 import os
+import stat
 
 from .errors import CorruptError
 
@@ -149,3 +150,64 @@ class HostFile:
             os.close(self.fd)
             self.fd = -1
 
+
+class DataFile(HostFile):
+    """An open data file: the guest data only, at the host offsets the L2 tables give.
+    Reads past its end are zeros, as QEMU's block layer makes them; it grows only by
+    the data written to it."""
+
+    opened = True
+
+    def size(self) -> int:
+        return os.lseek(self.fd, 0, os.SEEK_END)  # block devices too
+
+    def pread(self, offset: int, length: int) -> bytes:
+        check_range(offset, length)
+        data = os.pread(self.fd, length, offset)
+        return data if len(data) == length else data.ljust(length, b"\0")
+
+    def pread_upto(self, offset: int, length: int) -> bytes:
+        return self.pread(offset, length)
+
+    def pread_into(self, offset: int, buf: memoryview) -> None:
+        check_range(offset, len(buf))
+        n = os.preadv(self.fd, [buf], offset)
+        if n < len(buf):
+            buf[n:] = bytes(len(buf) - n)
+
+    @property
+    def growable(self) -> bool:
+        """A regular file, which a resize may grow or cut (a block device keeps its size)."""
+        return stat.S_ISREG(os.fstat(self.fd).st_mode)
+
+    def truncate(self, size: int) -> None:
+        """Make a regular data file `size` bytes, growing or cutting it, as QEMU resizes
+        the data file with the image (best effort: a data file shorter than the disk
+        reads as zeros past its end).  A block device keeps its size."""
+        if self.growable:
+            try:
+                os.ftruncate(self.fd, size)
+            except OSError:
+                pass
+
+
+class NoDataFile(DataFile):
+    """Stands for a data file that was not opened (info, map, check: they read no guest
+    data); any guest data I/O through it is a bug, refused."""
+
+    opened = False
+
+    def __init__(self) -> None:
+        super().__init__(-1, "")
+
+    @property
+    def growable(self) -> bool:
+        return False
+
+    def _refuse(self, *args: object) -> bytes:
+        raise CorruptError("internal: the image's external data file was not opened (metadata only)")
+
+    pread = pread_upto = pread_into = pwrite = _refuse  # type: ignore[assignment]
+
+    def close(self) -> None:
+        pass

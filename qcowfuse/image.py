@@ -13,9 +13,9 @@ import threading
 from typing import Any
 
 from .backing import Layer, file_identity, open_backing
-from .datafile import NoDataFile, open_data_file
+from .datafile import open_data_file
 from .errors import FormatError, NeedsPassphrase, QcowError, UnsupportedError
-from .hostfile import HostFile
+from .hostfile import HostFile, NoDataFile
 from .locking import lock_image
 from .qcow2.allocator import Allocator
 from .qcow2.bitmaps import Bitmaps
@@ -166,7 +166,8 @@ class Image(ReadPath, WritePath, Integrity):
             try:
                 if data_file is not None and not header.has_data_file:
                     raise UnsupportedError(f"-o data-file={data_file}: {path} has no external data file")
-                if header.has_data_file and not (options.get("metadata_only") or options.get("repair")):
+                if header.has_data_file and (data_file is not None or not (
+                        options.get("metadata_only") or options.get("repair"))):
                     data = open_data_file(path, header.data_file, writable, data_file, lock)
                 return cls(f, header, writable, backing=layer, data=data, **options)
             except BaseException:

@@ -194,12 +194,40 @@ def test_check_map_info_agree_with_qemu_img(tmp_path):
         assert info["data-file-raw"] is raw
 
 
-def test_resize_is_refused_with_a_reason(tmp_path):
+def test_resize_resizes_the_data_file_too(tmp_path):
+    """As qemu-img resize: the data file grows and shrinks with the disk (named by the
+    user: resizing writes to it); a raw one stays the guest disk."""
     img, data = create(tmp_path, raw=True)
+    qemu.qemu_io(img, "write -P 0x51 0 64k", "write -P 0x52 8128k 64k")
     before = img.read_bytes()
     r = run_cli("resize", str(img), "16M")
-    assert r.returncode != 0 and "external data file" in r.stderr
+    assert r.returncode != 0 and "--data-file PATH" in r.stderr
     assert img.read_bytes() == before
+    r = run_cli("resize", "--data-file", str(data), str(img), "16M")
+    assert r.returncode == 0, r.stderr
+    assert data.stat().st_size == 16 * MIB
+    with mounted(img, tmp_path / "raw", "-o", f"data-file={data}") as (view, _):
+        os.truncate(view, 24 * MIB)  # through the mount
+        with open(view, "r+b") as fh:
+            fh.seek(20 * MIB)
+            fh.write(b"\x53" * 4096)
+    assert data.stat().st_size == 24 * MIB
+    info = json.loads(run("qemu-img", "info", "--output=json", str(img)).stdout)
+    assert info["virtual-size"] == 24 * MIB
+    qemu.assert_clean(img)
+    qemu.qemu_io(img, "read -P 0x51 0 64k", "read -P 0x52 8128k 64k", "read -P 0 8M 12M",
+                 "read -P 0x53 20M 4k", "read -P 0 20484k 4092k", read_only=True)
+    assert data.read_bytes() == bytes(model_of(img, tmp_path))  # still the raw disk
+
+
+def test_shrink_cuts_the_data_file(tmp_path):
+    img, data = create(tmp_path, raw=False)
+    qemu.qemu_io(img, "write -P 0x51 0 64k", "write -z 6M 64k")
+    r = run_cli("resize", "--shrink", "--data-file", str(data), str(img), "4M")
+    assert r.returncode == 0, r.stderr
+    assert data.stat().st_size == 4 * MIB
+    qemu.assert_clean(img)
+    qemu.qemu_io(img, "read -P 0x51 0 64k", "read -P 0 64k 4032k", read_only=True)
 
 
 def test_backing_file_below_a_data_file_image(tmp_path):

@@ -34,6 +34,7 @@ import struct
 from typing import TYPE_CHECKING
 
 from ..errors import CorruptError, ReadOnlyError, ResizeError
+from ..hostfile import DataFile
 from .header import MAX_HOST_OFFSET, MAX_L1_BYTES
 from .l1 import grow_l1_table, l1_entries_for
 from .format import (L1E_OFFSET_MASK, L2E_OFFSET_MASK, QCOW_OFLAG_COMPRESSED, QCOW_OFLAG_ZERO,
@@ -74,6 +75,8 @@ def resize_image(img: ImageState, new_size: int) -> None:
             if new_size < img.size:
                 _drop_unused_refcount_blocks(img)
                 _give_back_tail(img)
+            if isinstance(img.data, DataFile):  # as QEMU truncates it with the image
+                img.data.truncate(new_size)
             img.f.pwrite(OFF_SIZE, struct.pack(">Q", new_size))
             img.f.sync()
             img.header.size = img.size = new_size
@@ -89,9 +92,14 @@ def _refuse(img: ImageState, new_size: int) -> None:
         raise ResizeError("Failed to grow the L1 table: File too large", errno.EFBIG)
     if new_size == img.size:
         return
-    if img.data_file:
-        raise ResizeError("cannot resize an image with an external data file yet (qemu-img "
-                          "resize does it: it resizes the data file too)", errno.EOPNOTSUPP)
+    if img.data_file:  # resized with the image, as QEMU does
+        data = img.data
+        if not isinstance(data, DataFile) or not data.opened:
+            raise ResizeError("the image keeps its guest data in an external data file, which is "
+                              "resized with it: name it with --data-file PATH", errno.EINVAL)
+        if new_size > img.size and not data.growable and data.size() < new_size:
+            raise ResizeError(f"cannot grow the guest disk past the end of its data file "
+                              f"{data.path} (a device of {data.size()} bytes)", errno.ENOSPC)
     if img.bitmaps is not None:
         stale = [bm.name for bm in img.bitmaps.list if bm.in_use and bm not in img.bitmaps.tracked]
         if stale:  # as QEMU's qcow2_truncate_bitmaps_check: it cannot resize what it can't trust
@@ -145,7 +153,7 @@ def _holds_data(img: ImageState, entry: int, bitmap: int) -> bool:
         return True
     if img.header.extended_l2:
         return bool(bitmap & SUBCLUSTER_ALLOC_MASK)
-    return classify(entry, img.version) is ClusterType.NORMAL
+    return classify(entry, img.version, img.data_file) is ClusterType.NORMAL
 
 
 def _reads_zero_here(img: ImageState, entry: int, bitmap: int) -> bool:
@@ -344,6 +352,7 @@ def _give_back_tail(img: ImageState) -> None:
     refcount 0) a cut by refcounts alone would lose what a repair could still save."""
     f, cb = img.f, img.cluster_bits
     size = f.size()  # with the hole the file grows ahead (hostfile.PREALLOCATE_BYTES)
-    last = max(img.rc.last_used(-(-size >> cb)), max(img.metadata_set()), _last_mapped(img))
+    mapped = _last_mapped(img) if not img.data_file else -1  # a data file's clusters are not here
+    last = max(img.rc.last_used(-(-size >> cb)), max(img.metadata_set()), mapped)
     if (last + 1) << cb < size:
         f.truncate((last + 1) << cb)
