@@ -395,3 +395,17 @@ def test_bitmaps_record_writes_into_a_data_file(tmp_path):
             fh.write(b"\x99" * 1000)
     assert qemu.dirty_ranges(img, "b0") == [(3 * MIB, 3 * MIB + 65536)]
     qemu.assert_clean(img)
+
+
+def test_metadata_commands_never_open_the_data_file(tmp_path):
+    """info, check and map read no guest data: a missing (or hostile) data file does not
+    matter to them; -o data-file on an image without one is refused."""
+    img, data = create(tmp_path, raw=True)
+    qemu.qemu_io(img, "write -P 0x51 0 64k")
+    data.unlink()
+    for args in (["info"], ["check"], ["map"], ["check", "--repair", "all"]):
+        r = run_cli(*args, str(img))
+        assert r.returncode == 0, (args, r.stderr)
+    plain = qemu.create(tmp_path / "plain.qcow2", SIZE)
+    assert_refused([str(plain), str(tmp_path / "mp"), "-o", f"data-file={tmp_path / 'x'}"],
+                   "has no external data file", plain, tmp_path / "mp")
