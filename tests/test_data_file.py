@@ -80,6 +80,9 @@ def test_qemu_written_data_reads_back(tmp_path, raw):
     with Image.open(str(img)) as image:  # read-only: follows the name in the header
         assert image.read(0, SIZE) == model
         assert image.read(100 * 1024 - 7, 20) == model[100 * 1024 - 7:100 * 1024 + 13]
+        read, _ = image.unlocked_io()  # the daemon's fast path, over offsets the image file has too
+        for off, n in ((65536, 4096), (65536, 131072), (7 * MIB, 4096), (0, 4096)):
+            assert read(off, n) == model[off:off + n], (off, n)
     with mounted(img, tmp_path / "raw", "-o", "ro") as (view, _):
         assert view.read_bytes() == model
 

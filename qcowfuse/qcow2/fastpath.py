@@ -33,7 +33,7 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING
 
-from ..hostfile import HostFile
+from ..hostfile import DataFile, HostFile
 from .format import (
     L1E_OFFSET_MASK, L2E_OFFSET_MASK, QCOW_OFLAG_COPIED, QCOW_OFLAG_ZERO, plain_data_flags)
 
@@ -42,6 +42,8 @@ from .state import ReadFn, WriteFn
 if TYPE_CHECKING:
     from .state import ImageState
 
+
+_PLAIN_FILES = (HostFile, DataFile)  # what read_unlocked preads from directly
 
 UNHANDLED = -1  # _host: take the general path
 BELOW = -2  # _host, for a read: nothing of the range is in this layer; the layer below has it all
@@ -58,9 +60,11 @@ class FastPath:
         self.l2_bits = img.l2_bits
         self.l2_index = img.l2_entries - 1
         self.special = plain_data_flags(img.version)
-        # plain host bytes in the image file itself
-        self.reads = not img.header.extended_l2 and not img.header.crypt_method and not img.data_file
-        self.writes = self.reads and img.detect_zeroes == "off"
+        # plain host bytes, in the image file or its data file (a read of guest cluster 0
+        # there, at host offset 0, takes the general path)
+        self.reads = not img.header.extended_l2 and not img.header.crypt_method
+        # writes: in the image file only (a data file's clusters have no refcounts)
+        self.writes = self.reads and img.detect_zeroes == "off" and not img.data_file
         # L2 entries of clusters that read as zeros and hold no host cluster
         self.fresh = frozenset(([0] if img.backing is None else [])
                                + ([QCOW_OFLAG_ZERO] if img.version >= 3 else []))
@@ -131,13 +135,14 @@ class FastPath:
         below = img.backing.unlocked_read() if img.backing is not None else read
 
         def read_unlocked(offset: int, length: int) -> bytes | bytearray:
-            f = img.f
-            if reads and type(f) is HostFile:  # substitutes (test layers) keep f.pread
+            f = img.data  # img.f, or the data file
+            if reads and type(f) in _PLAIN_FILES:  # substitutes (test layers) keep f.pread
                 host = host_of(offset, length, False)
                 if host >= 0:
                     data = pread(f.fd, length, host)
                     # HostFile.pread's own checks, inline (a host offset from _host is in
-                    # range): whole, and not reaching into the file's preallocated hole
+                    # range): whole, and not reaching into the file's preallocated hole (a
+                    # short read of a data file, zeros past its end, goes to `read`)
                     if len(data) == length and (f.file_end <= f.data_end or host + length <= f.data_end):
                         return data
                 elif host == BELOW:
@@ -161,7 +166,7 @@ class FastPath:
             host = self._host(offset, length, False)
             if host == BELOW and img.backing is not None:
                 return img.backing.read(offset, length)
-            return img.f.pread(host, length) if host >= 0 else None
+            return img.data.pread(host, length) if host >= 0 else None
 
     def write(self, offset: int, view: bytes | memoryview) -> bool:
         """The whole of a write (True), or nothing done (False: the general path).  Called
