@@ -100,10 +100,11 @@ class WritePath(ImageState):
     def release_entry(self, entry: int, discard: bool = False) -> None:
         """Drop (after the next table sync) the reference an overwritten L2 entry held;
         discard: punch the host clusters out once they are free.  Data clusters in an
-        external data file have no refcount: nothing to drop."""
-        kind = classify(entry, self.version, self.data_file)
-        if self.data_file and kind is not ClusterType.COMPRESSED:
+        external data file have no refcount: nothing to drop (and a compressed entry
+        there is corruption, never a reason to touch this file's refcounts)."""
+        if self.data_file:
             return
+        kind = classify(entry, self.version)
         if kind in (ClusterType.NORMAL, ClusterType.ZERO_ALLOC):
             self.alloc.free_later((entry & L2E_OFFSET_MASK) >> self.cluster_bits, discard)
         elif kind is ClusterType.COMPRESSED:
