@@ -412,3 +412,28 @@ def test_metadata_commands_never_open_the_data_file(tmp_path):
     plain = qemu.create(tmp_path / "plain.qcow2", SIZE)
     assert_refused([str(plain), str(tmp_path / "mp"), "-o", f"data-file={tmp_path / 'x'}"],
                    "has no external data file", plain, tmp_path / "mp")
+
+
+def test_a_compressed_cluster_with_a_data_file_is_corruption(tmp_path):
+    """QEMU never writes one (compression needs data in the image file): check reports it
+    as qemu-img check does, and a read of it fails while the rest is served."""
+    img, data = create(tmp_path, raw=False)
+    qemu.qemu_io(img, "write -P 0x21 0 256k")
+    buf = bytearray(img.read_bytes())
+    l1 = struct.unpack_from(">Q", buf, 40)[0]
+    l2 = struct.unpack_from(">Q", buf, l1)[0] & 0x00FFFFFFFFFFFE00
+    struct.pack_into(">Q", buf, l2 + 16, (1 << 62) | 0x30000)  # guest cluster 2: compressed
+    img.write_bytes(buf)
+    theirs = qemu.check(img)
+    r = run_cli("check", "--output=json", str(img))
+    ours = json.loads(r.stdout)
+    assert r.returncode == theirs["rc"] == 2
+    for key in ("corruptions", "allocated-clusters", "fragmented-clusters", "image-end-offset"):
+        assert ours.get(key) == theirs.get(key), key
+    human = run_cli("check", str(img))
+    assert "ERROR compressed cluster 2 with data file" in human.stdout + human.stderr
+    with Image.open(str(img)) as image:
+        assert image.read(0, 65536) == b"\x21" * 65536
+        with pytest.raises(Exception, match="compressed cluster"):
+            image.read(2 * 65536, 4096)
+        assert image.read(3 * 65536, 4096) == b"\x21" * 4096

@@ -293,6 +293,8 @@ class References:
         if not plain.all():
             # compressed clusters without COPIED (or a bitmap): their byte ranges, counted
             comp = ~plain & ((e & u64(QCOW_OFLAG_COMPRESSED | QCOW_OFLAG_COPIED)) == u64(QCOW_OFLAG_COMPRESSED))
+            if external:  # an error there, reported with every rule below
+                comp[:] = False
             if ext:
                 comp &= t.bitmap == 0
             if comp.any():
