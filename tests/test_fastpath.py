@@ -80,6 +80,22 @@ def test_quick_allocation_never_lands_on_metadata(tmp_path, image_calls):
     assert struct.unpack_from(">Q", img.read_bytes(), 72)[0] & 2, "the corrupt bit must be set"
 
 
+def test_quick_allocation_takes_only_a_free_cluster(tmp_path, image_calls):
+    """Right after opening, the free hint is cluster 0 (the header, in use, its refcount
+    block cached by the first write's preparation): the first quick allocation must
+    look at the refcount, not take the cluster at the hint."""
+    img = qemu.create(tmp_path / "h.qcow2", 16 * MiB)
+    qemu.qemu_io(img, "write -P 0x11 0 64k")
+    with Image.open(str(img), writable=True) as im:
+        read, write = image_calls(im)
+        assert read(0, 4096) == b"\x11" * 4096  # the L2 table is now cached
+        write(0, b"\x12" * 4096)  # the first write (its preparation), in place
+        write(5 * CS, b"\x13" * 4096)  # a fresh cluster: the quick allocation
+    qemu.assert_clean(img)
+    qemu.qemu_io(img, "read -P 0x12 0 4k", "read -P 0x11 4k 60k", "read -P 0x13 320k 4k",
+                 "read -P 0 324k 60k", read_only=True)
+
+
 @pytest.mark.parametrize("cluster_size", [CS, 4096])
 def test_small_requests_agree_with_qemu(tmp_path, cluster_size, image_calls):
     """Random 512 B..64 KiB reads and writes, most inside one allocated cluster, some

@@ -307,7 +307,7 @@ MUTANTS = [
     Mutant("rc-hint-taken-when-used", RC,
            "if values is None or values[i]:",
            "if values is None:",
-           ["tests/test_engine.py", "tests/test_fastpath.py"],
+           ["tests/test_fastpath.py::test_quick_allocation_takes_only_a_free_cluster"],
            "the quick allocation takes the cluster at the hint only when its refcount is 0"),
     Mutant("rc-hint-not-counted", RC,
            "values[i] = 1\n        self.dirty_blocks.add(b)\n        self.free_hint = c + 1",
