@@ -9,7 +9,6 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -38,11 +37,9 @@ def loops_under(root: Path) -> list[str]:
 def test_bench_quick_runs_and_cleans_up(tmp_path):
     # --no-unshare: mount where this test can see it, so the leftover check means something.
     # --runtime 0.5: half of --quick's 1 s per fio job keeps this well under a minute.
-    start = time.monotonic()
     r = subprocess.run([sys.executable, str(BENCH), "--quick", "--runtime", "0.5", "--no-unshare",
                         "--dir", str(tmp_path), "--json", str(tmp_path / "out.json")],
-                       capture_output=True, text=True, timeout=170)
-    elapsed = time.monotonic() - start
+                       capture_output=True, text=True, timeout=170)  # a hang bound only
     out = r.stdout + r.stderr
     assert r.returncode == 0, out
     assert re.search(r"^job\s+unit\s+raw best/med\s+passthrough best/med\s+qsd best/med\s+nbdfuse best/med"
@@ -60,4 +57,3 @@ def test_bench_quick_runs_and_cleans_up(tmp_path):
         assert set(results["jobs"][job]["samples"]) == peers
     for job in ("seq-read-1M", "randread-4K-1j"):  # reads below an overlay too
         assert set(results["jobs"][job]["samples"]) == peers | {"overlay"}
-    assert elapsed < 120, f"--quick took {elapsed:.0f} s"

@@ -152,7 +152,7 @@ def test_mmap_of_the_raw_file(tmp_path, mount):
     qemu.assert_clean(img)
     qemu.qemu_io(img, "read -P 0x21 0 4196", "read -P 0x22 4196 300000",
                  f"read -P 0x21 {4196 + 300000} {(1 << 20) - 4196 - 300000}",
-                 f"read -P 0 1M 1M", read_only=True)
+                 "read -P 0 1M 1M", read_only=True)
 
 
 def test_direct_io_bypasses_the_page_cache(tmp_path, mount):

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from helpers.cli import assert_refused
-from helpers.qemu import create, qemu_io, run
+from helpers.qemu import qemu_io, run
 
 MiB = 1 << 20
 
