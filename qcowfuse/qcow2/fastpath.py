@@ -18,14 +18,15 @@ A fast write records its range through the general path's commit_range (the one
 place persistent bitmaps are marked), and runs inside WritePath.write_checked (the one
 place corrupt images are refused and marked).  _host returns what it found (a host
 offset, UNHANDLED, or FRESH_AT - the L2 index of a fresh cluster); nothing is stashed
-between calls.  Extended L2 entries and detect-zeroes always take the general path.
+between calls.  Extended L2 entries, detect-zeroes and encrypted images always take the
+general path; so do writes to an image with an external data file (its reads are served,
+from the data file).
 Constants are derived once here, not per request.
 
 Image.read and Image.write take the image lock around all this.  The FUSE daemon uses
 the image from one thread only and takes `unlocked()`'s pair instead: the same fast
-cases straight from the handler, without the lock and the layers between (callgrind,
-per 4 KiB request through fuse_ops, syscalls stubbed: read 16.9k -> 13.4k instructions,
-in-place write 19.2k -> 15.6k, first write into a cluster 29.9k -> 25.0k).
+cases straight from the handler, without the lock and the layers between (what that
+saves per request: docs/performance.md).
 """
 
 from __future__ import annotations
