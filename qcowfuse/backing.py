@@ -113,7 +113,9 @@ def _open_layer(path: str, fmt: str | None, referrer: str, seen: frozenset[tuple
             return open_qcow2(path, writable=False, lock=lock, _seen=seen | {key})
         except QcowError as e:
             msg = str(e)
-            raise type(e)(msg if path in msg or "backing" in msg else f"backing file {path}: {msg}") from None
+            if path in msg or "backing" in msg:
+                raise  # as it is (NeedsPassphrase keeps its path)
+            raise type(e)(f"backing file {path}: {msg}") from None
     if fmt == "raw":
         return RawLayer(path, lock)
     raise UnsupportedError(f"backing file {path} has format '{fmt}'; only qcow2 and raw are supported")

@@ -148,7 +148,12 @@ def mount(opts: MountOptions) -> int:
     passphrase = read_passphrase(opts.key_file) if opts.key_file else None
     try:
         image = _open(image_path, opts, passphrase)
-    except NeedsPassphrase:
+    except NeedsPassphrase as e:
+        if os.path.abspath(e.path) != image_path:
+            raise MountError(f"backing file {e.path} is encrypted: encrypted backing files are "
+                             f"not supported") from None
+        if opts.overlay:  # refused before asking for a passphrase it could not use
+            raise MountError(OVERLAY_ENCRYPTED) from None
         if opts.key_file or not sys.stdin.isatty():
             raise MountError(f"{opts.image} is LUKS-encrypted: give its passphrase with "
                              f"-o key-file=PATH (or run on a terminal to be asked)") from None
@@ -169,6 +174,9 @@ def mount(opts: MountOptions) -> int:
         raise
 
 
+OVERLAY_ENCRYPTED = "-o overlay over an encrypted image would write its plaintext to $TMPDIR: not supported"
+
+
 def read_passphrase(path: str) -> bytes:
     """The bytes of a key file, exactly (as QEMU's --object secret,file= reads them)."""
     try:
@@ -181,8 +189,7 @@ def read_passphrase(path: str) -> bytes:
 def _open(image_path: str, opts: MountOptions, passphrase: bytes | None) -> Image:
     if opts.overlay:
         if passphrase is not None:
-            raise MountError("-o overlay over an encrypted image would write its plaintext to "
-                             "$TMPDIR: not supported")
+            raise MountError(OVERLAY_ENCRYPTED)
         from .overlay import open_overlay
         return open_overlay(image_path, opts.overlay_path, lock=not opts.force_share,
                             snapshot=opts.snapshot, backing=opts.backing, data_file=opts.data_file,
@@ -330,7 +337,7 @@ def serve(image: Image, opts: MountOptions, target: MountTarget, ready_fd: int |
                      else "")
             if opts.force_share:
                 log.warning("force-share: %s is not locked; another process may change it "
-                            "while it is mounted", image.f.path)
+                            "while it is mounted", opts.image)
             _report(ready_fd, "ready")
             sd_notify(f"READY=1\nMAINPID={os.getpid()}")
 

@@ -20,7 +20,12 @@ class UnsupportedError(QcowError):
 
 
 class NeedsPassphrase(UnsupportedError):
-    """An encrypted image opened to read or write data without its passphrase."""
+    """An encrypted image opened to read or write data without its passphrase; `path`:
+    that image's file (the top image, or a backing file)."""
+
+    def __init__(self, message: str, path: str = "") -> None:
+        super().__init__(message)
+        self.path = path
 
 
 class CorruptError(QcowError):

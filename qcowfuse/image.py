@@ -73,7 +73,7 @@ class Image(ReadPath, WritePath, Integrity):
             self.luks, self.crypto = open_luks(f, header, passphrase)
         elif header.crypt_method and not (repair or metadata_only):
             raise NeedsPassphrase(f"{f.path} is encrypted ({CRYPT_NAMES[header.crypt_method]}): "
-                                  f"give its passphrase with -o key-file=PATH")
+                                  f"give its passphrase with -o key-file=PATH", path=f.path)
         self.f = f
         self.header = header
         self.writable = writable

@@ -106,7 +106,7 @@ def open_overlay(image_path: str, keep: str | None, *, lock: bool = True,
     if os.path.exists(keep):
         _refuse_foreign(keep, image_path)
     else:
-        with Image.open(image_path, writable=False, lock=lock) as base:
+        with Image.open(image_path, writable=False, lock=lock, metadata_only=True) as base:
             size, cluster_bits = base.size, base.cluster_bits
         create_image_file(keep, size, cluster_bits, image_path, "qcow2")
     return Image.open(keep, writable=True, lock=lock, **options)

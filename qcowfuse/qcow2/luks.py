@@ -37,6 +37,7 @@ LUKS_MAGIC = b"LUKS\xba\xbe"
 LUKS_KEY_ENABLED = 0x00AC71F3
 LUKS_DIGEST_SIZE = 20
 LUKS_SLOTS = 8
+LUKS_STRIPES = 4000  # the anti-forensic split every LUKS1 writer uses (cryptsetup, QEMU)
 # magic, version, cipher_name, cipher_mode, hash_spec, payload_offset, key_bytes,
 # mk_digest, mk_digest_salt, mk_digest_iter, uuid
 _HEADER = struct.Struct(">6sH32s32s32sII20s32sI40s")
@@ -91,14 +92,15 @@ class LuksHeader:
                    iters, text(uuid), slots)
 
     def describe(self) -> dict[str, object]:
-        """The parameters, in the terms `qemu-img info` uses (format-specific "encrypt")."""
-        spec = parse_mode(self.cipher_mode)
+        """The parameters, in the terms `qemu-img info` uses (format-specific "encrypt");
+        also for ciphers and modes qcowfuse cannot decrypt (info needs no key)."""
+        mode, ivgen, ivhash = split_mode(self.cipher_mode)
         return {
             "format": "luks",
-            "cipher-alg": f"{self.cipher_name}-{self.key_bytes * 8 // (2 if spec.xts else 1)}",
-            "cipher-mode": spec.mode,
-            "ivgen-alg": spec.ivgen,
-            **({"ivgen-hash-alg": spec.ivgen_hash} if spec.ivgen_hash else {}),
+            "cipher-alg": f"{self.cipher_name}-{self.key_bytes * 8 // (2 if mode == 'xts' else 1)}",
+            "cipher-mode": mode,
+            "ivgen-alg": ivgen,
+            **({"ivgen-hash-alg": ivhash} if ivhash else {}),
             "hash-alg": self.hash_spec,
             "payload-offset": self.payload_offset * SECTOR,
             "master-key-iters": self.mk_digest_iter,
@@ -126,15 +128,22 @@ def _shifts() -> tuple[np.ndarray, np.ndarray]:
     return j, np.uint64(64) - j
 
 
-def parse_mode(cipher_mode: str) -> ModeSpec:
+def split_mode(cipher_mode: str) -> tuple[str, str, str | None]:
+    """(mode, IV generator, its hash or None) of a LUKS cipher mode string, unchecked.
+    QEMU writes the hash after any IV generator ("cbc-plain:sha256"); only essiv uses it."""
     mode, _, ivgen = cipher_mode.partition("-")
     ivgen, _, ivhash = ivgen.partition(":")
-    # QEMU writes the hash after any IV generator ("cbc-plain:sha256"); only essiv uses it
+    return mode, ivgen, ivhash if ivgen == "essiv" and ivhash else None
+
+
+def parse_mode(cipher_mode: str) -> ModeSpec:
+    """The mode qcowfuse can decrypt, or UnsupportedError."""
+    mode, ivgen, ivhash = split_mode(cipher_mode)
     if mode not in ("xts", "cbc") or ivgen not in ("plain", "plain64", "essiv") or \
             (ivgen == "essiv" and not ivhash):
         raise UnsupportedError(f"LUKS cipher mode {cipher_mode} is not supported "
                                f"(xts or cbc with plain, plain64 or essiv IVs)")
-    return ModeSpec(mode, ivgen, ivhash if ivgen == "essiv" else None)
+    return ModeSpec(mode, ivgen, ivhash)
 
 
 def _hash(name: str) -> str:
@@ -275,11 +284,16 @@ def open_luks(f: HostFile, header: Header, passphrase: bytes) -> tuple[LuksHeade
         raise UnsupportedError(f"LUKS cipher {luks.cipher_name} is not supported (AES only)")
     spec = parse_mode(luks.cipher_mode)
     hash_name = _hash(luks.hash_spec)
+    # Bounds before any derivation: the key size decides PBKDF2's output and, with the
+    # stripes, how much key material is read and merged (QEMU checks both on open).
+    if luks.key_bytes not in ((32, 48, 64) if spec.xts else (16, 24, 32)):
+        raise FormatError(f"LUKS master key of {luks.key_bytes} bytes does not fit AES-{spec.mode}")
     for slot in luks.slots:
         if not slot.active:
             continue
-        if slot.stripes < 1 or slot.iterations < 1:
-            raise FormatError("a LUKS key slot with no stripes or iterations")
+        if slot.stripes != LUKS_STRIPES or slot.iterations < 1:
+            raise FormatError(f"a LUKS key slot with {slot.stripes} stripes (not {LUKS_STRIPES}) "
+                              f"or no iterations")
         material_len = -(-luks.key_bytes * slot.stripes // SECTOR) * SECTOR
         start = slot.key_material_offset * SECTOR
         if start + material_len > length:
