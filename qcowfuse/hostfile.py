@@ -24,7 +24,7 @@ MAX_FILE_OFFSET = (1 << 62) - 1
 PREALLOCATE_BYTES = 8 << 20
 
 
-def check_range(offset: int, length: int) -> None:
+def _check_range(offset: int, length: int) -> None:
     if offset < 0 or offset + length > MAX_FILE_OFFSET:
         raise CorruptError(f"offset {offset:#x} is outside any possible image file")
 
@@ -61,8 +61,8 @@ class HostFile:
 
     def pread(self, offset: int, length: int) -> bytes:
         """Read exactly `length` bytes; a short read means metadata points past EOF."""
-        if offset < 0 or offset + length > MAX_FILE_OFFSET:  # check_range, inline: per request
-            check_range(offset, length)
+        if offset < 0 or offset + length > MAX_FILE_OFFSET:  # _check_range, inline: per request
+            _check_range(offset, length)
         data = os.pread(self.fd, length, offset)
         if len(data) != length or (self.file_end > self.data_end and offset + length > self.data_end):
             raise CorruptError(f"read of {length} bytes at {offset:#x} runs past the end of the image file")
@@ -70,13 +70,13 @@ class HostFile:
 
     def pread_upto(self, offset: int, length: int) -> bytes:
         """Read up to `length` bytes; shorter only at the end of the file."""
-        check_range(offset, length)
+        _check_range(offset, length)
         if self._past_end(offset, length):
             length = max(0, self.data_end - offset)
         return os.pread(self.fd, length, offset)
 
     def pread_into(self, offset: int, buf: memoryview) -> None:
-        check_range(offset, len(buf))
+        _check_range(offset, len(buf))
         n = os.preadv(self.fd, [buf], offset)
         if n != len(buf) or self._past_end(offset, n):
             raise CorruptError(f"read of {len(buf)} bytes at {offset:#x} runs past the end of the image file")
@@ -85,8 +85,8 @@ class HostFile:
         """Write all of `data` (bytes, or a byte-format buffer)."""
         length = len(data)
         end = offset + length
-        if offset < 0 or end > MAX_FILE_OFFSET:  # check_range, inline: per request
-            check_range(offset, length)
+        if offset < 0 or end > MAX_FILE_OFFSET:  # _check_range, inline: per request
+            _check_range(offset, length)
         self.unsynced = True
         if end > self.data_end >= 0:
             self.data_end = end
@@ -162,15 +162,12 @@ class DataFile(HostFile):
         return os.lseek(self.fd, 0, os.SEEK_END)  # block devices too
 
     def pread(self, offset: int, length: int) -> bytes:
-        check_range(offset, length)
+        _check_range(offset, length)
         data = os.pread(self.fd, length, offset)
         return data if len(data) == length else data.ljust(length, b"\0")
 
-    def pread_upto(self, offset: int, length: int) -> bytes:
-        return self.pread(offset, length)
-
     def pread_into(self, offset: int, buf: memoryview) -> None:
-        check_range(offset, len(buf))
+        _check_range(offset, len(buf))
         n = os.preadv(self.fd, [buf], offset)
         if n < len(buf):
             buf[n:] = bytes(len(buf) - n)

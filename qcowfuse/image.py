@@ -240,7 +240,7 @@ class Image(ReadPath, WritePath, Integrity):
                 self.bitmaps.store(self.alloc.free_later, self.flush)
         finally:
             self.f.close()
-            if self.data is not self.f:
+            if self.data_file:
                 self.data.close()
             if self.backing is not None:
                 self.backing.close()

@@ -71,7 +71,7 @@ def offset_zero_flag(data_file: bool) -> int:
     return QCOW_OFLAG_COPIED if data_file else 0
 
 
-def classify(entry: int, version: int, data_file: bool = False) -> ClusterType:
+def classify(entry: int, version: int, data_file: bool) -> ClusterType:
     if entry & QCOW_OFLAG_COMPRESSED:
         return ClusterType.COMPRESSED
     if version >= 3 and entry & QCOW_OFLAG_ZERO:
@@ -89,7 +89,7 @@ def data_at_offset_zero(entry: np.ndarray) -> np.ndarray:
     return np.asarray((entry & np.uint64(mask)) == np.uint64(QCOW_OFLAG_COPIED))
 
 
-def standard_kinds(entry: np.ndarray, version: int, data_file: bool = False) -> np.ndarray:
+def standard_kinds(entry: np.ndarray, version: int, data_file: bool) -> np.ndarray:
     """`classify` for a whole array of standard descriptors (uint8 ClusterType values)."""
     import numpy as np
     kinds = np.full(len(entry), ClusterType.UNALLOCATED, np.uint8)

@@ -97,9 +97,9 @@ def _refuse(img: ImageState, new_size: int) -> None:
         if not isinstance(data, DataFile) or not data.opened:
             raise ResizeError("the image keeps its guest data in an external data file, which is "
                               "resized with it: name it with --data-file PATH", errno.EINVAL)
-        if new_size > img.size and not data.growable and data.size() < new_size:
+        if new_size > img.size and not data.growable and (end := data.size()) < new_size:
             raise ResizeError(f"cannot grow the guest disk past the end of its data file "
-                              f"{data.path} (a device of {data.size()} bytes)", errno.ENOSPC)
+                              f"{data.path} (a device of {end} bytes)", errno.ENOSPC)
     if img.bitmaps is not None:
         stale = [bm.name for bm in img.bitmaps.list if bm.in_use and bm not in img.bitmaps.tracked]
         if stale:  # as QEMU's qcow2_truncate_bitmaps_check: it cannot resize what it can't trust
@@ -162,7 +162,7 @@ def _reads_zero_here(img: ImageState, entry: int, bitmap: int) -> bool:
         return False
     if img.header.extended_l2:
         return not bitmap & SUBCLUSTER_ALLOC_MASK and bitmap >> SUBCLUSTER_ZERO_SHIFT == SUBCLUSTER_ALLOC_MASK
-    return classify(entry, img.version) in (ClusterType.ZERO_PLAIN, ClusterType.ZERO_ALLOC)
+    return classify(entry, img.version, img.data_file) in (ClusterType.ZERO_PLAIN, ClusterType.ZERO_ALLOC)
 
 
 def _cluster_bytes(img: ImageState, g: int, start: int, end: int) -> bytes | bytearray:

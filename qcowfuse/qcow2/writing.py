@@ -83,17 +83,18 @@ class WritePath(ImageState):
         return table
 
     def in_place(self, entry: int) -> bool:
-        """Normal cluster this layer owns alone (COPIED, or refcount 1; every data
-        cluster in an external data file)."""
-        if classify(entry, self.version, self.data_file) is not ClusterType.NORMAL:
-            return False
-        if entry & QCOW_OFLAG_COPIED or self.data_file:
-            return True
-        return self.rc.get((entry & L2E_OFFSET_MASK) >> self.cluster_bits) == 1
+        """Normal cluster this layer owns alone."""
+        return classify(entry, self.version, self.data_file) is ClusterType.NORMAL and \
+            self._owned_alone(entry)
 
     def reusable_zero_alloc(self, entry: int) -> bool:
-        if classify(entry, self.version) is not ClusterType.ZERO_ALLOC:
-            return False
+        """Zero flag over a host cluster this layer owns alone (rewritten in place)."""
+        return classify(entry, self.version, self.data_file) is ClusterType.ZERO_ALLOC and \
+            self._owned_alone(entry)
+
+    def _owned_alone(self, entry: int) -> bool:
+        """The entry's host cluster is this layer's alone: COPIED, or refcount 1; every
+        cluster of an external data file (no refcounts there)."""
         return bool(entry & QCOW_OFLAG_COPIED) or self.data_file or \
             self.rc.get((entry & L2E_OFFSET_MASK) >> self.cluster_bits) == 1
 
@@ -104,7 +105,7 @@ class WritePath(ImageState):
         there is corruption, never a reason to touch this file's refcounts)."""
         if self.data_file:
             return
-        kind = classify(entry, self.version)
+        kind = classify(entry, self.version, self.data_file)
         if kind in (ClusterType.NORMAL, ClusterType.ZERO_ALLOC):
             self.alloc.free_later((entry & L2E_OFFSET_MASK) >> self.cluster_bits, discard)
         elif kind is ClusterType.COMPRESSED:
@@ -172,8 +173,7 @@ class WritePath(ImageState):
                 host = entry & L2E_OFFSET_MASK
                 n = min(length - pos, cs - in_cl)
                 self.host_check(host, "data cluster")
-                if not self.data_file:
-                    self.check_data_target(host >> cb, 1)
+                self.check_data_target(host >> cb, 1)
                 buf = bytearray(cs)
                 buf[in_cl:in_cl + n] = view[pos:pos + n]
                 self.data_pwrite(host, buf)
@@ -191,8 +191,7 @@ class WritePath(ImageState):
                         table[i] |= QCOW_OFLAG_COPIED
                         self.l2.mark_dirty(self.active_l2_offset(l1i))
                 n = min(length - pos, (j - l2i) * cs - in_cl)
-                if not self.data_file:
-                    self.check_data_target(host >> cb, -(-(in_cl + n) // cs))
+                self.check_data_target(host >> cb, -(-(in_cl + n) // cs))
                 self.data_pwrite(host + in_cl, view[pos:pos + n])
             else:
                 j = l2i + 1
@@ -345,7 +344,7 @@ class WritePath(ImageState):
         with self.lock:
             f = self.f
             self.rc.flush()
-            if self.data.unsynced and self.data is not f:
+            if self.data_file and self.data.unsynced:
                 self.data.sync()  # an external data file: its guest data, likewise
             if f.unsynced:
                 f.sync()  # guest data before the L2 entries that map it

@@ -59,7 +59,7 @@ def make_zero_cluster(img: "ImageState", table: array.array[int], l1i: int, l2i:
     if not can_express_zeros(img):
         return False
     old = table[l2i]
-    kind = classify(old, img.version)
+    kind = classify(old, img.version, img.data_file)
     if img.version < 3:
         new = 0  # v2 without backing file: unallocated reads as zeros
     elif img.detect_zeroes == "on" and kind in (ClusterType.NORMAL, ClusterType.ZERO_ALLOC) \
