@@ -107,6 +107,10 @@ class RawFileOperations(pyfuse3.Operations):
         self.partition_names: dict[bytes, int] = {}
         self.handle_windows: dict[int, Window] = {}
         self.table_stale = False
+        # byte ranges of the disk the last table read looked at, and whether a write
+        # through the disk file has touched one since (only then is it read again)
+        self.table_ranges: list[tuple[int, int]] = []
+        self.table_written = False
         if self.partitions:
             self._read_table()
         # Times of the raw file (see _times).  FUSE's auto_inval_data drops every cached
@@ -133,8 +137,13 @@ class RawFileOperations(pyfuse3.Operations):
 
     def _read_table(self) -> None:
         from .partitions import read_partitions
+        ranges: list[tuple[int, int]] = []
+
+        def read(offset: int, length: int) -> bytes | bytearray:
+            ranges.append((offset, offset + length))
+            return self.image.read(offset, length)
         try:
-            found = read_partitions(self.image.read, self.image.size)
+            found = read_partitions(read, self.image.size)
         except (QcowError, OSError) as e:
             log.error("the partition table cannot be read: %s", e)
             found = []
@@ -146,9 +155,10 @@ class RawFileOperations(pyfuse3.Operations):
         for inode in self.windows:
             self.shown.setdefault(inode, _Shown())
         self.table_stale = False
+        self.table_ranges, self.table_written = ranges, False
 
     def _table_changed(self) -> None:
-        """The disk was written through its own file: read the table again, now or once
+        """The disk's table was written through its own file: read it again, now or once
         no partition file is open."""
         if self.partitions:
             self.table_stale = True
@@ -306,6 +316,9 @@ class RawFileOperations(pyfuse3.Operations):
         else:
             data = buf
         off += start
+        if window is None and self.partitions and not self.table_written:
+            end = off + len(data)
+            self.table_written = any(a < end and off < b for a, b in self.table_ranges)
         try:
             return self._write(off, data)
         except (QcowError, OSError) as e:
@@ -319,7 +332,7 @@ class RawFileOperations(pyfuse3.Operations):
 
     async def fsync(self, fh: int, datasync: bool) -> None:
         await self._flush()
-        if self.handles.get(fh) and fh not in self.handle_windows:
+        if self.table_written and fh not in self.handle_windows:
             self._table_changed()
 
     async def flush(self, fh: int) -> None:
@@ -327,7 +340,7 @@ class RawFileOperations(pyfuse3.Operations):
         opened for reading has nothing to make durable (and cannot fail)."""
         if self.handles.get(fh, True):
             await self._flush()
-            if fh not in self.handle_windows:
+            if self.table_written and fh not in self.handle_windows:
                 self._table_changed()
 
     async def release(self, fh: int) -> None:
