@@ -10,10 +10,12 @@ logicals through it).
 
 Tables are untrusted metadata: GPT headers and entry arrays must match their CRC32
 (the backup header and entries are used when the primary ones are bad, as the
-kernel does); an entry outside the disk, ending before it starts, or overlapping
-one already taken is left out with one log line; an EBR chain that loops or runs
-past 256 links ends there.  (UEFI specification 2.10, section 5; the kernel's
-block/partitions/efi.c and msdos.c.)
+kernel does); an EBR chain that loops or runs past 256 links ends there.  (UEFI
+specification 2.10, section 5; the kernel's block/partitions/efi.c and msdos.c.)
+Stricter than the kernel, by our own rule (a partition file must never reach
+outside the disk or into another partition): an entry outside the disk, ending
+before it starts, or overlapping one already taken is left out with one log line,
+where the kernel would show it cut short at the disk's end, or overlapping.
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ from helpers import qemu
 from helpers.cli import assert_refused
 from helpers.procs import mounted, run_cli
 from helpers.qemu import run
+from helpers.rawqcow2 import RawImage
 from qcowfuse import Image
 
 MIB = 1 << 20
@@ -419,11 +420,7 @@ def test_a_compressed_cluster_with_a_data_file_is_corruption(tmp_path):
     as qemu-img check does, and a read of it fails while the rest is served."""
     img, data = create(tmp_path, raw=False)
     qemu.qemu_io(img, "write -P 0x21 0 256k")
-    buf = bytearray(img.read_bytes())
-    l1 = struct.unpack_from(">Q", buf, 40)[0]
-    l2 = struct.unpack_from(">Q", buf, l1)[0] & 0x00FFFFFFFFFFFE00
-    struct.pack_into(">Q", buf, l2 + 16, (1 << 62) | 0x30000)  # guest cluster 2: compressed
-    img.write_bytes(buf)
+    RawImage(img).set_l2_entry(2, (1 << 62) | 0x30000)  # guest cluster 2: compressed
     theirs = qemu.check(img)
     r = run_cli("check", "--output=json", str(img))
     ours = json.loads(r.stdout)

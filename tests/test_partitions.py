@@ -154,7 +154,8 @@ def test_entries_outside_the_disk_or_overlapping_are_left_out(tmp_path):
 def test_a_loop_in_the_ebr_chain_ends(tmp_path, caplog):
     disk = blank(tmp_path / "disk.raw")
     sfdisk(disk, EXTENDED)
-    expect = ours(disk)
+    # what sfdisk reads of the intact chain (the extended partition shown as 1 KiB)
+    expect = [t if t[0] != 2 else (2, t[1], 1024) for t in sfdisk_json(disk)]
     data = bytearray(disk.read_bytes())
     ext_lba = struct.unpack_from("<I", data, 446 + 16 + 8)[0]
     second = ext_lba + struct.unpack_from("<I", data, ext_lba * SECTOR + 446 + 16 + 8)[0]
