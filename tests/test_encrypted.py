@@ -93,10 +93,12 @@ def test_every_cipher_reads_and_writes_as_qemu_does(tmp_path, alg, mode, ivgen, 
     with Image.open(str(img), writable=True, passphrase=PASSPHRASE) as im:
         assert im.read(0, 16384) == bytes(1000) + b"\x33" * 100 + bytes(2996) + b"\x5a" * 8192 + bytes(4096)
         im.write(1003, b"\x44" * 7)  # inside a sector QEMU wrote
+        im.write(4396, b"\x55" * 1000)  # three sectors QEMU wrote, partial at both ends
         im.write(8000, b"\x66" * 10000)  # over QEMU's data, into new clusters, partial sectors
         im.write(1 << 20, b"\x77" * 513)
     qemu_io(img, "read -P 0x33 1000 3", "read -P 0x44 1003 7", "read -P 0x33 1010 90",
-            "read -P 0x5a 4096 3904", "read -P 0x66 8000 10000", "read -P 0 18000 1000",
+            "read -P 0x5a 4096 300", "read -P 0x55 4396 1000", "read -P 0x5a 5396 2604",
+            "read -P 0x66 8000 10000", "read -P 0 18000 1000",
             "read -P 0x77 1M 513", "read -P 0 1049089 1023", read_only=True)
     assert qemu_check(img)["rc"] == 0
     data = img.read_bytes()

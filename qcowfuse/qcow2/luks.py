@@ -19,6 +19,7 @@ per block position, across all sectors.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import struct
 from dataclasses import dataclass
@@ -122,7 +123,9 @@ class ModeSpec:
         return self.mode == "xts"
 
 
+@functools.cache
 def _shifts() -> tuple[np.ndarray, np.ndarray]:
+    """(j, 64 - j) for the blocks 1..31 of a sector, made once (functools.cache)."""
     import numpy as np
     j = np.arange(1, SECTOR // 16, dtype=np.uint64)
     return j, np.uint64(64) - j

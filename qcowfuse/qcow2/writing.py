@@ -325,7 +325,11 @@ class WritePath(ImageState):
         end = -(-(host + len(data)) // SECTOR)
         head = host - first * SECTOR
         if head or (host + len(data)) % SECTOR:
-            buf = bytearray(self.data_pread(first * SECTOR, (end - first) * SECTOR))
+            # only the first and last sectors keep old bytes: read just those
+            buf = bytearray((end - first) * SECTOR)
+            buf[:SECTOR] = self.data_pread(first * SECTOR, SECTOR)
+            if end - first > 1:
+                buf[-SECTOR:] = self.data_pread((end - 1) * SECTOR, SECTOR)
             buf[head:head + len(data)] = data
             self.data.pwrite(first * SECTOR, crypto.encrypt(buf, first))
         else:
